@@ -219,6 +219,7 @@ class IntegerModel:
             q = heads(K.requantize_channels(self.linear(h, f"{p}.q"), C[f"{p}.q.rq"]))
             k = heads(K.requantize_channels(self.linear(h, f"{p}.k"), C[f"{p}.k.rq"]))
             v = heads(K.requantize_channels(self.linear(h, f"{p}.v"), C[f"{p}.v.rq"]))
+            cap[f"{p}.q"], cap[f"{p}.k"], cap[f"{p}.v"] = q, k, v
             scores = K.int_matmul(q, k.transpose(2, 3))
             scores = torch.where(keep, scores, torch.full_like(scores, -K.MASK_FILL))
             cap[f"{p}.scores"] = scores
@@ -232,6 +233,7 @@ class IntegerModel:
             h1 = self.layernorm(r1, f"{p}.ln1")
             cap[f"{p}.ln1"] = h1
             f = K.requantize_channels(self.linear(h1, f"{p}.f1"), C[f"{p}.f1.rq"])
+            cap[f"{p}.f1"] = f
             g = self.gelu(f, p)
             cap[f"{p}.gelu"] = g
             r2 = K.requantize_channels(self.linear(g, f"{p}.f2"), C[f"{p}.f2.rq"]) + rq(h1, C[f"{p}.res2.rq"])

@@ -249,10 +249,13 @@ GELU_IN_BITS = 16
 class GeluConsts:
     """Folded i-GELU constants for input scale ``S`` (input ``|q| <= 2**15 - 1``).
 
-    ``clip = round(|b| sqrt2 / S)``, ``one = round(1 / (|a| (S/sqrt2)^2))``,
-    ``shift``: right shift of the erf term so ``one >> shift < 2**14``.
+    ``pre``: right shift of ``|q|`` for the erf polynomial only (a fine input
+    scale would make ``one`` overflow), ``S' = S 2**pre``;
+    ``clip = round(|b| sqrt2 / S')``, ``one = round(1 / (|a| (S'/sqrt2)^2))``
+    (``< 2**30``); ``shift``: right shift of the erf term so ``one_s < 2**14``.
     """
 
+    pre: int
     clip: int
     one: int
     shift: int
@@ -264,33 +267,40 @@ class GeluConsts:
 
 
 def gelu_constants(scale: float) -> GeluConsts:
-    s_erf = scale / math.sqrt(2.0)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise OverflowRisk(f"i-GELU needs a positive input scale, got {scale}")
+    pre = 0
+    while True:
+        s_erf = scale * (1 << pre) / math.sqrt(2.0)
+        one = round(1.0 / (-GELU_A * s_erf * s_erf))
+        if one < 2**30:
+            break
+        pre += 1
     clip = max(1, round(-GELU_B / s_erf))
-    one = round(1.0 / (-GELU_A * s_erf * s_erf))
-    if clip * clip > one:  # a (x+b)^2 + 1 >= 0 must hold on [0, -b]
-        one = clip * clip
-    if one >= 2**31:
-        raise OverflowRisk(f"i-GELU input scale {scale:.3g} is too fine: requantize to fewer bits first")
+    one = max(one, clip * clip)  # a (x+b)^2 + 1 >= 0 must hold on [0, -b]
     shift = max(0, bitlen(one) - GELU_SIG_BITS)
     one_s = (one + ((1 << shift) >> 1)) >> shift
-    return GeluConsts(clip=clip, one=one, shift=shift, one_s=one_s, in_max=qmax(GELU_IN_BITS))
+    return GeluConsts(pre=pre, clip=clip, one=one, shift=shift, one_s=one_s, in_max=qmax(GELU_IN_BITS))
 
 
 def gelu_out_scale(scale: float, c: GeluConsts) -> float:
-    s_erf = scale / math.sqrt(2.0)
+    s_erf = scale * (1 << c.pre) / math.sqrt(2.0)
     return scale * (-GELU_A) * s_erf * s_erf * (1 << c.shift) / 2.0
 
 
 def i_gelu_int(q: torch.Tensor, c: GeluConsts) -> torch.Tensor:
     """i-GELU on integers: ``q * (1 + L(q))`` with I-BERT's erf polynomial.
 
-    Input ``|q| <= 2**15 - 1`` (clamped). ``L = sign(q) (one - (min(|q|, clip) - clip)^2)``
-    scaled down by ``2**shift``: ``|erf term| <= one_s <= 2**14``, so the
-    output ``|q * (one_s + L)| <= 2**15 * 2**15 = 2**30``. All intermediates:
-    ``(clip)^2 <= one < 2**31``.
+    Input ``|q| <= 2**15 - 1`` (clamped). ``a = round(|q| / 2**pre)``;
+    ``L = sign(q) (one - (clip - min(a, clip))^2)`` scaled down by ``2**shift``:
+    ``|erf term| <= one_s <= 2**14``, so the output
+    ``|q * (one_s + L)| <= 2**15 * 2**15 = 2**30``. All intermediates:
+    ``clip^2 <= one < 2**30``.
     """
     q = torch.clamp(as_int(q), -c.in_max, c.in_max)
     neg, a = sign_split(q)
+    if c.pre:
+        a = div_pos(a + (1 << (c.pre - 1)), 1 << c.pre)
     d = c.clip - torch.clamp(a, max=c.clip)  # >= 0
     t = c.one - d * d  # >= 0 (one >= clip^2)
     if c.shift:
