@@ -211,7 +211,9 @@ def verify(
                      max_length=max_length, device=device, out_dir=output or checkpoint)
     _echo_json(res)
     if res["mismatches"]:
-        raise ParityError(f"{res['mismatches']} logits_int elements differ between {backend} and the reference")
+        raise ParityError(
+            f"{res['mismatches']} logits_int elements differ between {backend} and the reference"
+        )
 
 
 # ----------------------------------------------------------------------------- report, sweep, demo

@@ -77,7 +77,8 @@ def post_training_quantize(
         batches = data_batches(data, tok, calib_batches, batch_size, max_length)
         how = f"data:{data}"
     else:
-        batches = random_batches(model.config.vocab_size, calib_batches, batch_size, min(max_length, 128), seed)
+        seq = min(max_length, 128)
+        batches = random_batches(model.config.vocab_size, calib_batches, batch_size, seq, seed)
         how = "random-ids"
     n = calibrate(model, batches)
     model.eval()

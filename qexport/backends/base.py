@@ -38,7 +38,7 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def _run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - optional hook, a no-op on CPU
         """Wait for queued device work (timing); a no-op on CPU."""
 
 

@@ -192,7 +192,7 @@ class IntegerModel:
         ids = torch.as_tensor(input_ids).to(torch.int64)
         if ids.dim() != 2:
             raise ValueError("input_ids must be [batch, seq]")
-        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).to(torch.int64)
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
         if ids.shape[1] > int(self.meta["max_position_embeddings"]) - (self.pad_token_id + 1) * (
             self.arch == "roberta"
         ):

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from qexport.errors import CheckpointError
 from qexport.quant.freeze import LINEARS, freeze
@@ -83,7 +82,7 @@ def atomic_dir(out_dir: Path) -> tuple[Path, Any]:
 
 
 def save_checkpoint(
-    model: nn.Module,
+    model: Any,
     out_dir: Path,
     extra_manifest: dict[str, Any] | None = None,
     tokenizer: Any = None,
@@ -137,9 +136,10 @@ def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[dict[str, tor
     wf = path / WEIGHTS
     if not wf.is_file():
         raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
-    if verify_hash and manifest.get("sha256"):
-        if hashlib.sha256(wf.read_bytes()).hexdigest() != manifest["sha256"]:
-            raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
+    if verify_hash and manifest.get("sha256") and (
+        hashlib.sha256(wf.read_bytes()).hexdigest() != manifest["sha256"]
+    ):
+        raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
     try:
         tensors = load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as exc:

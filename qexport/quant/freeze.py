@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from qexport.errors import ModelError
 from qexport.ops.intmath import qmax
@@ -45,13 +44,13 @@ def _act_scale(a: QuantAct, where: str) -> torch.Tensor:
     return _scalar(a.scale)
 
 
-def freeze(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def freeze(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """QAT model -> ``(tensors, meta)``: integer weights and biases, float scales, config."""
     arch = model_arch(model)
     preset: QuantPreset | None = getattr(model, "qexport_preset", None)
     if preset is None or not preset.quantized:
         raise ModelError("model is not quantized: call qexport.quant.quantize_model first (preset != fp)")
-    bits = dict(model.qexport_bits)  # type: ignore[arg-type]
+    bits = dict(model.qexport_bits)
     base = getattr(model, arch)
     cfg = model.config
     T: dict[str, torch.Tensor] = {}
@@ -65,7 +64,7 @@ def freeze(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         shapes[key] = list(w.shape)
         return q
 
-    def put_linear(key: str, lin: nn.Module, s_in: torch.Tensor) -> None:
+    def put_linear(key: str, lin: Any, s_in: torch.Tensor) -> None:
         if not isinstance(lin, QuantLinear):
             raise ModelError(f"{key}: expected a QuantLinear, found {type(lin).__name__}")
         ws = weight_scale(lin.weight, lin.weight_bits, lin.per_channel).float()
@@ -77,7 +76,7 @@ def freeze(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         bq = torch.round(b / (float(s_in) * ws.double()).float())
         T[key + ".b"] = bq.clamp(-(2**30), 2**30).to(torch.int32)
 
-    def put_ln(key: str, ln: nn.Module) -> torch.Tensor:
+    def put_ln(key: str, ln: Any) -> torch.Tensor:
         T[key + ".in_s"] = _act_scale(ln.in_act, key + " input")
         T[key + ".g"] = ln.weight.detach().float().clone()
         T[key + ".b"] = ln.bias.detach().float().clone()

@@ -14,6 +14,7 @@ Every module can go back to float with ``to_float()`` (see :mod:`qexport.quant.s
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,17 @@ from qexport.ops.kernels import EXP_A, EXP_B, EXP_C, GELU_A, GELU_B, LN2
 
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def]
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x)
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[no-untyped-def]
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
         return g
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    return _RoundSTE.apply(x)  # type: ignore[no-any-return]
+    out: torch.Tensor = _RoundSTE.apply(x)
+    return out
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
@@ -57,6 +59,9 @@ class QuantAct(nn.Module):
     marks the wide intermediates the integer graph keeps (residual sums,
     GELU/tanh inputs).
     """
+
+    running_max: torch.Tensor
+    initialized: torch.Tensor
 
     def __init__(self, bits: int = 8, momentum: float = 0.95, enabled: bool = True) -> None:
         super().__init__()
@@ -275,10 +280,8 @@ def qexport_attention(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    if qa is not None and qa.integer:
-        probs = softmax_poly(scores, dim=-1)
-    else:
-        probs = F.softmax(scores, dim=-1)
+    integer = qa is not None and qa.integer
+    probs = softmax_poly(scores, dim=-1) if integer else F.softmax(scores, dim=-1)
     if qa is not None:
         probs = fake_quant(probs, torch.tensor(1.0 / 127, dtype=probs.dtype, device=probs.device), 8)
     probs = F.dropout(probs, p=dropout, training=module.training)

@@ -40,7 +40,9 @@ PRESETS: dict[str, QuantPreset] = {
         QuantPreset("fp", linear=False, gelu=False, softmax=False, layernorm=False, tanh=False),
         QuantPreset("linear", linear=True, gelu=False, softmax=False, layernorm=False, tanh=False),
         QuantPreset("linear+gelu+softmax", linear=True, gelu=True, softmax=True, layernorm=False, tanh=False),
-        QuantPreset("linear+gelu+layernorm", linear=True, gelu=True, softmax=False, layernorm=True, tanh=False),
+        QuantPreset(
+            "linear+gelu+layernorm", linear=True, gelu=True, softmax=False, layernorm=True, tanh=False
+        ),
         QuantPreset(
             "linear+softmax+layernorm", linear=True, gelu=False, softmax=True, layernorm=True, tanh=False
         ),

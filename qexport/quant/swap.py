@@ -35,7 +35,7 @@ ATTN_NAME = "qexport"
 class QuantRobertaHead(nn.Module):
     """RobertaClassificationHead with its functional ``torch.tanh`` made a module."""
 
-    def __init__(self, dense: nn.Module, out_proj: nn.Module, dropout: nn.Module, tanh: nn.Module) -> None:
+    def __init__(self, dense: Any, out_proj: Any, dropout: nn.Module, tanh: nn.Module) -> None:
         super().__init__()
         self.dense = dense
         self.out_proj = out_proj
@@ -51,10 +51,10 @@ class QuantRobertaHead(nn.Module):
         from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
         cfg = type("Cfg", (), {})()
-        cfg.hidden_size = self.dense.in_features  # type: ignore[attr-defined]
+        cfg.hidden_size = self.dense.in_features
         cfg.classifier_dropout = None
         cfg.hidden_dropout_prob = float(getattr(self.dropout, "p", 0.1))
-        cfg.num_labels = self.out_proj.out_features  # type: ignore[union-attr]
+        cfg.num_labels = self.out_proj.out_features
         head = RobertaClassificationHead(cfg)
         head.dense = _to_float(self.dense)
         head.out_proj = _to_float(self.out_proj)
@@ -76,7 +76,7 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, eager_mask)
 
 
-def model_arch(model: nn.Module) -> str:
+def model_arch(model: Any) -> str:
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt not in SUPPORTED:
         raise ModelError(f"unsupported model type {mt!r}: qexport quantizes BERT and RoBERTa encoders")
@@ -88,13 +88,13 @@ def _set(parent: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(
-    model: nn.Module,
+    model: Any,
     preset: str | QuantPreset = "full",
     weight_bits: int = 8,
     act_bits: int = 8,
     emb_bits: int = 8,
     **_: Any,
-) -> nn.Module:
+) -> Any:
     """Swap the QAT modules into an HF ``*ForSequenceClassification`` model, in place.
 
     ``weight_bits`` applies to the encoder's linear layers; embeddings use
@@ -105,8 +105,8 @@ def quantize_model(
     check_weight_bits(weight_bits)
     check_weight_bits(emb_bits, "emb_bits")
     arch = model_arch(model)
-    model.qexport_preset = p  # type: ignore[assignment]
-    model.qexport_bits = {"weight": weight_bits, "act": act_bits, "emb": emb_bits}  # type: ignore[assignment]
+    model.qexport_preset = p
+    model.qexport_bits = {"weight": weight_bits, "act": act_bits, "emb": emb_bits}
     if not p.quantized:
         return model
     base = getattr(model, arch)
@@ -150,7 +150,7 @@ def quantize_model(
     return model
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
+def dequantize_model(model: Any) -> Any:
     """Undo :func:`quantize_model`: every quant module back to its float twin (same parameters)."""
     for name, child in list(model.named_children()):
         if hasattr(child, "to_float"):
@@ -167,12 +167,12 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def quant_acts(model: nn.Module) -> list[QuantAct]:
+def quant_acts(model: Any) -> list[QuantAct]:
     return [m for m in model.modules() if isinstance(m, QuantAct)]
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Any, max_batches: int | None = None) -> int:
+def calibrate(model: Any, batches: Any, max_batches: int | None = None) -> int:
     """Post-training calibration: run ``batches`` in train mode (EMA updates), no gradients.
 
     Dropout is disabled during calibration. Returns the number of batches used.

@@ -46,10 +46,11 @@ class Int32Guard(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, tuple) else (out,)
         for o in outs:
-            if isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool and o.numel():
+            integer = isinstance(o, torch.Tensor) and not o.is_floating_point() and o.dtype != torch.bool
+            if integer and o.numel():
                 lo, hi = int(o.min()), int(o.max())
                 self.peak = max(self.peak, abs(lo), abs(hi))
-                assert -I32 <= lo and hi < I32, f"{func.__name__} produced {lo}..{hi} (outside int32)"
+                assert lo >= -I32 and hi < I32, f"{func.__name__} produced {lo}..{hi} (outside int32)"
         return out
 
 
