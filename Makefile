@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev,tvm,data]"
 	$(BIN)/pip install -q --no-deps $(NODEPS)
+	$(BIN)/python tools/patch_trt_stubs.py $(VENV)/trt-typings
 	touch $(STAMP)
 
 venv: $(STAMP)
