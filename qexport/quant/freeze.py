@@ -64,13 +64,28 @@ def freeze(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         shapes[key] = list(w.shape)
         return q
 
+    def put_int_weight(key: str, mod: Any) -> torch.Tensor | None:
+        """Pluggable quantizers (qexport.quant.quantizers) give their own integers and scales."""
+        int_weight = getattr(mod, "int_weight", None)
+        if not callable(int_weight):
+            return None
+        q, s = int_weight()
+        T[key + ".w"] = pack(q, mod.weight_bits)
+        wbits[key] = mod.weight_bits
+        shapes[key] = list(mod.weight.shape)
+        return s.detach().float()
+
     def put_linear(key: str, lin: Any, s_in: torch.Tensor) -> None:
         if not isinstance(lin, QuantLinear):
             raise ModelError(f"{key}: expected a QuantLinear, found {type(lin).__name__}")
-        ws = weight_scale(lin.weight, lin.weight_bits, lin.per_channel).float()
-        if not lin.per_channel:
+        ws = put_int_weight(key, lin)
+        if ws is None:
+            ws = weight_scale(lin.weight, lin.weight_bits, lin.per_channel).float()
+            if not lin.per_channel:
+                ws = ws.expand(lin.out_features).clone()
+            put_weight(key, lin.weight, ws, lin.weight_bits)
+        elif ws.dim() == 0:
             ws = ws.expand(lin.out_features).clone()
-        put_weight(key, lin.weight, ws, lin.weight_bits)
         T[key + ".ws"] = ws
         b = lin.bias.detach().float() if lin.bias is not None else torch.zeros(lin.out_features)
         bq = torch.round(b / (float(s_in) * ws.double()).float())
@@ -86,9 +101,11 @@ def freeze(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     emb = base.embeddings
     for key, mod in (("emb.word", emb.word_embeddings), ("emb.pos", emb.position_embeddings),
                      ("emb.tt", emb.token_type_embeddings)):
-        s = weight_scale(mod.weight, mod.weight_bits, per_channel=False).float().reshape(())
-        put_weight(key, mod.weight, s, mod.weight_bits)
-        T[key + ".s"] = s
+        s = put_int_weight(key, mod)
+        if s is None:
+            s = weight_scale(mod.weight, mod.weight_bits, per_channel=False).float().reshape(())
+            put_weight(key, mod.weight, s, mod.weight_bits)
+        T[key + ".s"] = s.reshape(())
     s_h = put_ln("emb.ln", emb.LayerNorm)
     for i, layer in enumerate(base.encoder.layer):
         sa = layer.attention.self

@@ -1,0 +1,113 @@
+"""Resumable training state and atomic file writes.
+
+``<out>/state/train_state.pt`` holds everything needed to continue a run
+exactly: stage, step, data position (epoch, batch in epoch, sampler seed),
+model/optimizer/scheduler state dicts, the RNG states of python, numpy and
+torch (per rank under DDP), the best dev metric so far, the evaluation history
+and the step timings. It is written to a temporary file and ``os.replace``d
+into place, so a crash at any moment leaves the previous state intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qexport.errors import CheckpointError
+
+STATE_FILE = "train_state.pt"
+STATE_FORMAT = "qexport-train-state"
+STATE_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and every CUDA device) RNG states."""
+    st: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def state_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "state" / STATE_FILE
+
+
+def save_state(out_dir: Path, state: dict[str, Any]) -> Path:
+    path = state_path(out_dir)
+    atomic_torch_save({"format": STATE_FORMAT, "version": STATE_VERSION, **state}, path)
+    return path
+
+
+def load_state(out_dir: Path) -> dict[str, Any] | None:
+    """The saved state, or None when there is none; CheckpointError when it is unreadable."""
+    path = state_path(out_dir)
+    if not path.is_file():
+        return None
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise CheckpointError(f"training state {path} is unreadable: {exc}") from None
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{path} is not a qexport training state")
+    if st.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: training state version {st.get('version')} is not {STATE_VERSION}")
+    return st

@@ -1,0 +1,157 @@
+"""Run several recipes and compare them (the seeds' sweep over presets and tasks).
+
+``run_sweep(recipes, out_dir)`` trains each recipe into ``out_dir/<recipe stem>/`` (a finished
+run is reused, an interrupted one resumed), then writes:
+
+* ``sweep.json``: one row per recipe (task, preset, bits, fp/qat/int metric, training time,
+  QAT/FP step-time ratio, true size of the integer checkpoint from its manifest's byte counts);
+* ``sweep.md``: the same as a markdown table;
+* ``accuracy.png``: metric per combination (bar; FP and integer side by side);
+* ``time_vs_accuracy.png``: training time vs metric (scatter, labelled).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qexport.config import load_recipe
+from qexport.train.plots import save_figure
+from qexport.train.state import atomic_write_bytes, atomic_write_json, load_state
+
+
+def _manifest_size(ckpt: Path) -> dict[str, Any]:
+    mf = ckpt / "manifest.json"
+    if not mf.is_file():
+        return {}
+    m = json.loads(mf.read_text())
+    return {
+        "size_bytes": m.get("total_bytes"),
+        "size_by_part": m.get("bytes"),
+        "file_bytes": m.get("file_bytes"),
+    }
+
+
+def _row(recipe_path: Path, out: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    rec = load_recipe(recipe_path)
+    metric = summary.get("int_metric", summary.get("fp_metric"))
+    row: dict[str, Any] = {
+        "recipe": recipe_path.stem,
+        "task": rec.task,
+        "model": rec.model,
+        "preset": rec.quant.preset,
+        "weight_bits": rec.quant.weight_bits if rec.runs_qat else 32,
+        "metric_name": summary.get("metric_name", "metric"),
+        "fp_metric": summary.get("fp_metric"),
+        "qat_metric": summary.get("qat_metric"),
+        "int_metric": summary.get("int_metric"),
+        "metric": metric,
+        "train_time_s": summary.get("train_time_s"),
+        "wall_time_s": summary.get("wall_time_s"),
+        "qat_step_time_ratio": summary.get("qat_step_time_ratio"),
+        "out_dir": str(out),
+    }
+    if summary.get("checkpoint"):
+        row.update(_manifest_size(Path(summary["checkpoint"])))
+    return row
+
+
+def _fmt(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _mb(x: Any) -> str:
+    return "-" if not x else f"{x / 1e6:.2f}"
+
+
+def sweep_markdown(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| recipe | task | preset | bits | FP | QAT | integer | train time (s) | QAT/FP step time "
+        "| int size (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {r['recipe']} | {r['task']} | {r['preset']} | {r['weight_bits']} | {_fmt(r['fp_metric'])} "
+        f"| {_fmt(r['qat_metric'])} | {_fmt(r['int_metric'])} | {_fmt(r['train_time_s'], 1)} "
+        f"| {_fmt(r['qat_step_time_ratio'])} | {_mb(r.get('size_bytes'))} |"
+        for r in rows
+    ]
+    name = rows[0]["metric_name"] if rows else "metric"
+    return f"# Sweep\n\nMetric: {name} (%), on each recipe's test split.\n\n{head}" + "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """The seeds' two plots: metric per combination (bar) and training time vs metric (scatter)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    labels = [r["recipe"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4))
+    xs = range(len(rows))
+    fp = [r["fp_metric"] or 0.0 for r in rows]
+    integer = [r["int_metric"] if r["int_metric"] is not None else float("nan") for r in rows]
+    ax.bar([x - 0.2 for x in xs], fp, width=0.4, label="FP")
+    ax.bar([x + 0.2 for x in xs], integer, width=0.4, label="integer")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{rows[0]['metric_name'] if rows else 'metric'} (%)")
+    ax.set_title("Accuracy per combination")
+    ax.legend()
+    try:
+        paths.append(save_figure(fig, out_dir / "accuracy.png"))
+    finally:
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if r["train_time_s"] is None or r["metric"] is None:
+            continue
+        ax.scatter([r["train_time_s"]], [r["metric"]])
+        ax.annotate(
+            r["preset"],
+            (r["train_time_s"], r["metric"]),
+            fontsize=8,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("metric (%)")
+    ax.set_title("Training time vs accuracy")
+    try:
+        paths.append(save_figure(fig, out_dir / "time_vs_accuracy.png"))
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> Path:
+    """Train every recipe (reusing finished runs), write the comparison; return ``sweep.md``'s path."""
+    from qexport.train.trainer import train
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for path in recipes:
+        path = Path(path)
+        rec = load_recipe(path)
+        run_dir = out_dir / path.stem
+        done = run_dir / "summary.json"
+        st = load_state(run_dir) if (run_dir / "state").is_dir() else None
+        same = st is not None and st["recipe"] == rec.dump()
+        if same and done.is_file() and st is not None and st.get("stage") == "done":
+            summary = json.loads(done.read_text())
+        else:  # resume an interrupted run of the same recipe, else start afresh
+            summary = train(rec, run_dir, resume=same, device=device)
+        rows.append(_row(path, run_dir, summary))
+        atomic_write_json(out_dir / "sweep.json", rows)
+    md = out_dir / "sweep.md"
+    atomic_write_bytes(md, sweep_markdown(rows).encode())
+    plot_sweep(rows, out_dir)
+    return md
