@@ -27,7 +27,6 @@ import torch
 
 from qexport.errors import OverflowRisk
 from qexport.ops.intmath import (
-    INT32_MAX,
     POW2_MAX_EXP,
     apply_sign,
     as_int,
