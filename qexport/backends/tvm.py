@@ -1,0 +1,680 @@
+"""Apache TVM backend: integer ONNX -> Relax -> ``lib.so`` (+ ``tvm.json`` sidecar).
+
+Contract
+--------
+``TVMBackend().compile(model.onnx, out_dir, target=..., shapes=...)`` writes, atomically
+(temp dir + ``os.replace``), a directory holding
+
+* ``lib.so``  -- the Relax VM executable exported with ``export_library``; for CUDA targets
+  the kernels are compiled ahead of time with ``nvcc`` to a fatbin and packed into the
+  library, so loading it needs the CUDA driver only (no NVRTC, no nvcc);
+* ``tvm.json`` -- sidecar: tvm / tvm-ffi versions, target, shapes (``None`` = dynamic),
+  input/output names and dtypes, build seconds, library bytes, host CPU features and the
+  int8 GEMM strategy actually used.
+
+``target``: ``"llvm"`` (host CPU, ``-mcpu`` = the LLVM host CPU name; AVX-512/VNNI are
+recorded), ``"cuda"`` (sm_75 unless ``arch`` is given in a JSON dict), ``"t4"``
+(``nvidia/nvidia-t4``, sm_75), ``"h100"`` (sm_90) or a JSON dict string such as
+``'{"kind": "cuda", "arch": "sm_80"}'``.
+``shapes``: ``{"batch": 8, "seq": 128}`` builds static shapes (the runner then rejects any
+other shape with ``built for batch=8,seq=128; got ...``); ``None`` keeps the ONNX symbolic
+dims (Relax handles dynamic batch/seq).
+
+Integer semantics: ``MatMulInteger`` (int8 x int8 -> int32) is imported by TVM as an int32
+matmul of widened operands; we rewrite it back to ``matmul(int8, int8, out_dtype=int32)`` so
+GPU schedules can use int8 tensor cores (WMMA m16n16k16, int32 accumulation). All other ops
+go through TVM's ONNX frontend unchanged. Integer division by zero kills the process
+(SIGFPE): the graph contract requires guarded divisors.
+
+Known TVM 0.27.0.post1 problems handled here (see /work/team/tvm_notes.md):
+
+* ``Schedule.tensorize`` deep-copies the intrinsic through ``ffi::ToJSONGraph``, which
+  segfaults when apache-tvm-ffi is 0.1.15.x (ABI mismatch; works with 0.1.14.post0). We probe
+  JSON serialisation in a subprocess and, when it crashes, mark every PrimFunc
+  ``dlight.do_not_tensorize`` so ``dl.gpu.Matmul`` uses its SIMT schedule (int32 accumulate).
+* dlight's int8 WMMA rule annotates a software pipeline that ``InjectSoftwarePipeline``
+  rejects for int8 fragments; our rule strips those annotations.
+* TVMScript parsing of the CUDA tensor intrinsics calls ``inspect.stack()``, which takes
+  minutes with torch imported; we swap in a cheap frame walk while the intrinsics load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import linecache
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from qexport.backends.base import Backend, Runner
+from qexport.errors import BackendError
+
+LIB_NAME = "lib.so"
+SIDECAR_NAME = "tvm.json"
+NVCC_DEFAULT = "/usr/local/cuda/bin/nvcc"
+
+_TARGET_ALIASES: dict[str, Any] = {
+    "cuda": {"kind": "cuda", "arch": "sm_75"},
+    "t4": "nvidia/nvidia-t4",
+    "h100": {"kind": "cuda", "arch": "sm_90"},
+}
+_ONNX_TO_NP = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers that need no tvm
+# --------------------------------------------------------------------------------------------
+def _host_cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
+    """``inspect.stack`` without ``inspect.getmodule`` (O(frames x sys.modules) with torch)."""
+    out = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        fname = frame.f_code.co_filename
+        line = linecache.getline(fname, frame.f_lineno) if context > 0 else ""
+        out.append(
+            inspect.FrameInfo(
+                frame,
+                fname,
+                frame.f_lineno,
+                frame.f_code.co_name,
+                [line] if line else None,
+                0 if line else None,
+            )
+        )
+        frame = frame.f_back
+    return out
+
+
+@contextlib.contextmanager
+def _cheap_inspect_stack() -> Iterator[None]:
+    orig = inspect.stack
+    inspect.stack = _fast_stack
+    try:
+        yield
+    finally:
+        inspect.stack = orig
+
+
+_TENSORIZE_OK: bool | None = None
+
+
+def tensorize_works() -> bool:
+    """Whether ``Schedule.tensorize`` can run in this install (probed once, in a subprocess).
+
+    Tensorize deep-copies through ``tvm.ir.save_json``'s C++ path; with a mismatched
+    apache-tvm-ffi that segfaults, so the probe must not run in this process.
+    """
+    global _TENSORIZE_OK
+    if _TENSORIZE_OK is None:
+        code = "import tvm; tvm.ir.save_json(tvm.tirx.IntImm('int32', 1)); print('ok')"
+        try:
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+            _TENSORIZE_OK = res.returncode == 0 and "ok" in res.stdout
+        except (OSError, subprocess.TimeoutExpired):
+            _TENSORIZE_OK = False
+    return _TENSORIZE_OK
+
+
+def _resolve_target_spec(target: str | Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Map the CLI target spelling to a tvm Target argument plus sidecar notes."""
+    notes: dict[str, Any] = {"requested": target if isinstance(target, str) else dict(target)}
+    spec: Any
+    if isinstance(target, Mapping):
+        spec = dict(target)
+    elif target == "llvm":
+        import tvm
+
+        cpu = str(tvm.target.codegen.llvm_get_system_cpu())
+        flags = _host_cpu_flags()
+        notes["host_cpu"] = cpu
+        notes["host_features"] = sorted(
+            f for f in flags if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}
+        )
+        spec = {"kind": "llvm", "mcpu": cpu}
+    elif target in _TARGET_ALIASES:
+        spec = _TARGET_ALIASES[target]
+    elif target.strip().startswith("{"):
+        try:
+            spec = json.loads(target)
+        except json.JSONDecodeError as exc:
+            raise BackendError(f"bad tvm target JSON {target!r}: {exc}") from None
+    else:
+        spec = target  # a tvm tag or target string; tvm validates it
+    return spec, notes
+
+
+def _shape_dict(model: Any, shapes: Mapping[str, int] | None) -> tuple[dict[str, list[Any]], list[dict]]:
+    """Input shapes for ``from_onnx`` plus the ordered input signature for the sidecar."""
+    inputs: list[dict[str, Any]] = []
+    shape_dict: dict[str, list[Any]] = {}
+    init_names = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in init_names:
+            continue
+        tt = vi.type.tensor_type
+        dims: list[Any] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif shapes is not None:
+                if d.dim_param not in shapes:
+                    raise BackendError(
+                        f"input {vi.name!r} has symbolic dim {d.dim_param!r}; give it in shapes "
+                        f"(got {sorted(shapes)})"
+                    )
+                dims.append(int(shapes[d.dim_param]))
+            else:
+                dims.append(d.dim_param or "?")
+        shape_dict[vi.name] = dims
+        inputs.append(
+            {"name": vi.name, "dtype": _ONNX_TO_NP.get(tt.elem_type, str(tt.elem_type)), "shape": dims}
+        )
+    return shape_dict, inputs
+
+
+def _flatten_onnx(model: Any) -> Any:
+    """Inline ONNX functions and fold what TVM's importer rejects (Constant(value_int), ...)."""
+    import onnx.inliner
+    import onnxscript.optimizer
+
+    custom = [n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    if model.functions or custom:
+        model = onnx.inliner.inline_local_functions(model)
+    model = onnxscript.optimizer.optimize(model)
+    _drop_zero_zero_points(model)
+    left = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
+    if left:
+        raise BackendError(f"ONNX graph still has non-standard ops after inlining: {left}")
+    return model
+
+
+def _drop_zero_zero_points(model: Any) -> int:
+    """Remove all-zero constant zero points from MatMulInteger nodes (exact; in place).
+
+    TVM imports ``MatMulInteger(a, b, zp_a, zp_b)`` as ``(a - zp_a) @ (b - zp_b)`` in int32;
+    without the (zero) subtractions the int8 x int8 -> int32 rewrite below can match.
+    """
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    dropped = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulInteger" or len(node.input) <= 2:
+            continue
+        zps = list(node.input[2:])
+        if all(z == "" or (z in consts and not np.any(consts[z])) for z in zps):
+            del node.input[2:]
+            dropped += 1
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------
+# tvm-side passes
+# --------------------------------------------------------------------------------------------
+def _int8_matmul_rewrite(mod: Any) -> tuple[Any, int]:
+    """``matmul(astype(a:int8,int32), astype(b:int8,int32))`` -> ``matmul(a, b, out_dtype=int32)``.
+
+    Exact: the product of two int8 values widened to int32 is the same either way; TVM's
+    legalized matmul widens inside the reduction. Returns the module and the rewrite count.
+    """
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    a, b = wildcard(), wildcard()
+    ca, cb = is_op("relax.astype")(a), is_op("relax.astype")(b)
+    pattern = is_op("relax.matmul")(ca, cb)
+    count = 0
+
+    def _dtype(expr: Any) -> str:
+        dt = expr.ty.dtype
+        return str(getattr(dt, "dtype", dt))
+
+    def rewriter(expr: Any, matches: Any) -> Any:
+        nonlocal count
+        xa, xb = matches[a], matches[b]
+        if (_dtype(xa), _dtype(xb), _dtype(expr)) != ("int8", "int8", "int32"):
+            return expr
+        count += 1
+        return relax.op.matmul(xa, xb, out_dtype="int32")
+
+    new_funcs = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            new_funcs[gv] = rewrite_call(pattern, rewriter, func)
+    for gv, func in new_funcs.items():
+        mod[gv] = func
+    return mod, count
+
+
+def _is_int8_matmul(func: Any) -> bool:
+    """A PrimFunc whose reduction block is a matmul of two int8 buffers into int32 (any size: padded)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir.dlight.gpu import matmul as dlm
+
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    try:
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(dlm.get_root_block(sch))
+        red = dlm.get_reduction_blocks(sch, blocks)
+        if not red:
+            return False
+        block = sch.get(red[0])
+        if len(block.reads) != 2 or dlm.get_index_map(block) is None:
+            return False
+        if tuple(dlm.get_in_out_dtypes(block)) != ("int8", "int32"):
+            return False
+    except Exception:  # noqa: BLE001 - not analysable: not a matmul we tensorize
+        return False
+    return True
+
+
+def _int8_wmma_rule() -> Any:
+    """dlight rule: dlight's int8 WMMA tensorization minus the software-pipeline annotations."""
+    from tvm.s_tir.dlight import gpu as dlgpu
+    from tvm.s_tir.dlight.gpu.matmul import MatmulInt8Tensorization
+
+    class Int8WMMA(dlgpu.Matmul):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            if not _is_int8_matmul(func):
+                return None  # dlight's int8 rule assumes a 2-input matmul block
+            try:
+                sch = MatmulInt8Tensorization().apply(func, target, tunable)
+            except Exception:  # noqa: BLE001 - any scheduling failure: let the SIMT rule run
+                return None
+            if sch is None:
+                return None
+            root = sch.mod["main"].body.block.name_hint
+            stack = list(sch.get_child_blocks(sch.get_sblock(root)))
+            while stack:
+                blk = stack.pop()
+                stack.extend(sch.get_child_blocks(blk))
+                for loop in sch.get_loops(blk):
+                    for key in list(sch.get(loop).annotations.keys()):
+                        if str(key).startswith("software_pipeline"):
+                            sch.unannotate(loop, key)
+            return sch
+
+    return Int8WMMA()
+
+
+def _cuda_pipeline(target: Any, tensorize: bool) -> Any:
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda_pipe
+    from tvm.s_tir import dlight as dl
+
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    if tensorize:
+        rules.insert(0, _int8_wmma_rule())
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _no_tensorize(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
+        return mod
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+    if not tensorize:
+        legalize.append(_no_tensorize)
+    legalize.append(dl.ApplyDefaultSchedule(*rules))
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target, _cheap_inspect_stack():
+            seq = tvm.transform.Sequential(
+                cuda_pipe.library_dispatch_passes(target)
+                + legalize
+                + cuda_pipe.dataflow_lower_passes(target)
+                + cuda_pipe.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
+
+
+def _find_cuda_module(mod: Any) -> Any:
+    if mod.kind == "cuda":
+        return mod
+    for sub in mod.imports:
+        found = _find_cuda_module(sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _nvcc_fatbin(source: str, arch: str, workdir: Path) -> bytes:
+    nvcc = shutil.which("nvcc") or (NVCC_DEFAULT if Path(NVCC_DEFAULT).exists() else None)
+    if nvcc is None:
+        raise BackendError(
+            "nvcc not found: CUDA targets are compiled ahead of time with nvcc",
+            hint="install the CUDA toolkit or put nvcc on PATH",
+        )
+    src, out = workdir / "kernels.cu", workdir / "kernels.fatbin"
+    src.write_text(source)
+    cmd = [nvcc, "--fatbin", "-O3", f"-arch={arch}", "-diag-suppress=177", "-o", str(out), str(src)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise BackendError(f"nvcc failed for {arch}: {res.stderr.strip()[-800:]}")
+    return out.read_bytes()
+
+
+def _u64(buf: bytes, pos: int) -> tuple[int, int]:
+    return struct.unpack_from("<Q", buf, pos)[0], pos + 8
+
+
+def _patch_library_bin(blob: bytes, cuda_source: str, fatbin: bytes) -> bytes:
+    """Swap the CUDA module's raw source for a fatbin inside a packed ``__tvm_ffi__library_bin``.
+
+    Layout (tvm-ffi): u64 payload size | u64-vector import row ptr | u64-vector child ids |
+    per module: str kind [, u64-len bytes] (``_lib`` entries carry no bytes). A CUDA module's
+    bytes are ``str fmt | fmap | u64-len code`` with fmt ``cuda`` and code = the source.
+    """
+    pos = 8
+    n_row, pos = _u64(blob, pos)
+    pos += 8 * n_row
+    n_child, pos = _u64(blob, pos)
+    pos += 8 * n_child
+    src_b = cuda_source.encode()
+    out = bytearray(blob[:pos])
+    patched = False
+    while pos < len(blob):
+        klen, pos = _u64(blob, pos)
+        kind = blob[pos : pos + klen].decode()
+        out += blob[pos - 8 : pos + klen]
+        pos += klen
+        if kind == "_lib":
+            continue
+        blen, pos = _u64(blob, pos)
+        body = blob[pos : pos + blen]
+        pos += blen
+        tail = struct.pack("<Q", len(src_b)) + src_b
+        if kind == "cuda" and body[:12] == struct.pack("<Q", 4) + b"cuda" and body.endswith(tail):
+            fmap = body[12 : len(body) - len(tail)]
+            body = struct.pack("<Q", 6) + b"fatbin" + fmap + struct.pack("<Q", len(fatbin)) + fatbin
+            patched = True
+        out += struct.pack("<Q", len(body)) + body
+    if not patched:
+        raise BackendError("could not find the CUDA source module in the packed library")
+    out[:8] = struct.pack("<Q", len(out) - 8)
+    return bytes(out)
+
+
+def _c_blob(name: str, data: bytes) -> str:
+    rows = [",".join(f"0x{b:02x}" for b in data[i : i + 32]) for i in range(0, len(data), 32)]
+    return (
+        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
+        f"extern const unsigned char {name}[];\n"
+        f"const unsigned char {name}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
+        "#ifdef __cplusplus\n}\n#endif\n"
+    )
+
+
+def _blob_from_packed_c(c_src: str) -> bytes:
+    body = c_src[c_src.index("] = {") + 5 : c_src.rindex("};")]
+    return bytes(int(tok, 16) for tok in body.replace("\n", "").split(",") if tok.strip())
+
+
+def _export_cuda_aot(ex_mod: Any, lib_path: Path, arch: str, work: Path) -> int:
+    """``export_library`` with the CUDA kernels compiled to a fatbin now (not at load)."""
+    from tvm.runtime import _ffi_api
+
+    cuda_mod = _find_cuda_module(ex_mod)
+    if cuda_mod is None:
+        ex_mod.export_library(str(lib_path))
+        return 0
+    source = str(cuda_mod.inspect_source("cuda"))
+    fatbin = _nvcc_fatbin(source, arch, work)
+
+    def fpack(mod: Any, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        packed_c = str(_ffi_api.ModulePackImportsToC(mod, is_system_lib, prefix))
+        sym = packed_c.split("const unsigned char ", 1)[1].split("[", 1)[0]
+        blob = _patch_library_bin(_blob_from_packed_c(packed_c), source, fatbin)
+        path = os.path.join(workspace_dir, "devc_aot.c")
+        Path(path).write_text(_c_blob(sym, blob))
+        return path
+
+    ex_mod.export_library(str(lib_path), fpack_imports=fpack)
+    return len(fatbin)
+
+
+def _to_py(obj: Any) -> Any:
+    """tvm-ffi containers (Map/Array/IntImm/String) -> plain JSON-able Python."""
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if hasattr(obj, "items"):
+        return {str(k): _to_py(v) for k, v in obj.items()}
+    if hasattr(obj, "value") and isinstance(obj.value, (int, float, bool)):
+        return obj.value
+    if isinstance(obj, (list, tuple)) or hasattr(obj, "__len__") and hasattr(obj, "__getitem__"):
+        return [_to_py(v) for v in obj]
+    return str(obj)
+
+
+def _matmul_strategy(cuda_src: str, is_cuda: bool, n_int8: int, tensorize: bool) -> str:
+    if n_int8 == 0:
+        return "none (no MatMulInteger in graph)"
+    if not is_cuda:
+        return "llvm: int8 x int8 -> int32 matmul, LLVM auto-vectorised (int32 accumulate)"
+    if "wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, signed char" in cuda_src:
+        return "cuda: int8 tensor cores (WMMA m16n16k16, int32 accumulate) via dlight int8 rule"
+    why = "" if tensorize else " (tensorize disabled: tvm-ffi ToJSONGraph crash)"
+    return f"cuda: dlight SIMT matmul, int8 loads, int32 accumulate on CUDA cores{why}"
+
+
+# --------------------------------------------------------------------------------------------
+# backend
+# --------------------------------------------------------------------------------------------
+class TVMRunner(Runner):
+    """Relax VM over an exported ``lib.so``; outputs keyed by ONNX output names."""
+
+    def __init__(self, artifact: Path, device: str) -> None:
+        import tvm
+        from tvm import relax
+
+        self.meta = json.loads((artifact / SIDECAR_NAME).read_text())
+        self.inputs = {i["name"]: i for i in self.meta["inputs"]}
+        self.input_names = tuple(i["name"] for i in self.meta["inputs"])  # VM argument order
+        self.output_names = list(self.meta["outputs"])
+        if device == "cuda" and self.meta["device"] != "cuda":
+            raise BackendError(f"{artifact} was built for {self.meta['device']}, not cuda")
+        if device == "cpu" and self.meta["device"] != "cpu":
+            raise BackendError(f"{artifact} was built for {self.meta['device']}; load it with cuda")
+        self.dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+        try:
+            lib = tvm.runtime.load_module(str(artifact / LIB_NAME))
+            self.vm = relax.VirtualMachine(lib, self.dev)
+        except Exception as exc:  # noqa: BLE001 - tvm raises many types; report one line
+            raise BackendError(
+                f"cannot load {artifact / LIB_NAME} on {device}: {str(exc).strip().splitlines()[-1]}"
+            ) from None
+        self._tensor = tvm.runtime.tensor
+
+    def _check_shapes(self, feeds: Mapping[str, np.ndarray]) -> None:
+        shapes = self.meta.get("shapes")
+        for name in self.input_names:
+            want = self.inputs[name]["shape"]
+            got = list(np.shape(feeds[name]))
+            ok = len(got) == len(want) and all(
+                not isinstance(w, int) or w == g for w, g in zip(want, got, strict=False)
+            )
+            if not ok:
+                if shapes:
+                    built = ",".join(f"{k}={v}" for k, v in shapes.items())
+                    raise BackendError(
+                        f"built for {built}; got {name} shape {tuple(got)}",
+                        hint="recompile with matching shapes or shapes=None",
+                    )
+                raise BackendError(f"input {name} must have shape {want}; got {tuple(got)}")
+
+    def _run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_shapes(feeds)
+        args = [
+            self._tensor(np.ascontiguousarray(feeds[n], dtype=self.inputs[n]["dtype"]), self.dev)
+            for n in self.input_names
+        ]
+        out = self.vm["main"](*args)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        if len(outs) != len(self.output_names):
+            raise BackendError(f"model returned {len(outs)} outputs; expected {self.output_names}")
+        return {n: o.numpy() for n, o in zip(self.output_names, outs, strict=True)}
+
+    def synchronize(self) -> None:
+        self.dev.sync()
+
+
+class TVMBackend(Backend):
+    """Apache TVM (Relax) backend: ``llvm`` CPU or CUDA (ahead-of-time nvcc)."""
+
+    name = "tvm"
+    install_hint = "pip install apache-tvm apache-tvm-ffi==0.1.14.post0"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import tvm
+        except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
+            return False, f"apache-tvm not importable ({exc}); {cls.install_hint}"
+        return True, str(tvm.__version__)
+
+    def _compile_impl(self, model: Path, output: Path | None, **options: Any) -> Path:
+        target_opt = options.pop("target", "llvm")
+        shapes = options.pop("shapes", None)
+        if options:
+            raise BackendError(f"unknown tvm compile options {sorted(options)}")
+        if shapes is not None:
+            shapes = {str(k): int(v) for k, v in dict(shapes).items()}
+            if any(v <= 0 for v in shapes.values()):
+                raise BackendError(f"shapes must be positive, got {shapes}")
+        out_dir = Path(output) if output is not None else model.with_suffix("").with_name(model.stem + "_tvm")
+        t0 = time.time()
+
+        import onnx
+        import tvm
+        import tvm.support.nvcc  # noqa: F401 - registers the CUDA compile callback
+        import tvm_ffi
+        from tvm.relax.frontend.onnx import from_onnx
+
+        spec, notes = _resolve_target_spec(target_opt)
+        try:
+            target = tvm.target.Target(spec)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"bad tvm target {target_opt!r}: {str(exc).splitlines()[-1]}") from None
+        is_cuda = target.kind.name == "cuda"
+
+        onnx_model = _flatten_onnx(onnx.load(str(model)))
+        shape_dict, inputs = _shape_dict(onnx_model, shapes)
+        outputs = [o.name for o in onnx_model.graph.output]
+        try:
+            mod = from_onnx(
+                onnx_model, shape_dict=shape_dict if shapes is not None else None, keep_params_in_input=False
+            )
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(f"TVM ONNX import failed: {str(exc).strip().splitlines()[-1]}") from None
+        mod, n_int8 = _int8_matmul_rewrite(mod)
+
+        tensorize = is_cuda and tensorize_works()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            fatbin_bytes = 0
+            cuda_src = ""
+            if is_cuda:
+                arch = str(target.attrs.get("arch", "sm_75"))
+                with _cheap_inspect_stack():
+                    ex = tvm.compile(mod, target, relax_pipeline=_cuda_pipeline(target, tensorize))
+                cuda_mod = _find_cuda_module(ex.mod)
+                cuda_src = str(cuda_mod.inspect_source("cuda")) if cuda_mod is not None else ""
+                fatbin_bytes = _export_cuda_aot(ex.mod, tmp / LIB_NAME, arch, tmp)
+                for junk in ("kernels.cu", "kernels.fatbin"):
+                    (tmp / junk).unlink(missing_ok=True)
+            else:
+                ex = tvm.compile(mod, target)
+                ex.export_library(str(tmp / LIB_NAME))
+            meta = {
+                "backend": "tvm",
+                "tvm_version": str(tvm.__version__),
+                "tvm_ffi_version": str(getattr(tvm_ffi, "__version__", "?")),
+                "target": _to_py(target.export()),
+                "target_notes": notes,
+                "device": "cuda" if is_cuda else "cpu",
+                "arch": str(target.attrs.get("arch", "")) if is_cuda else None,
+                "shapes": shapes,
+                "inputs": inputs,
+                "outputs": outputs,
+                "onnx": str(model),
+                "build_seconds": round(time.time() - t0, 3),
+                "library_bytes": (tmp / LIB_NAME).stat().st_size,
+                "cuda_aot": {"compiler": "nvcc", "format": "fatbin", "bytes": fatbin_bytes}
+                if is_cuda
+                else None,
+                "int8_matmuls": n_int8,
+                "tensorize": tensorize,
+                "int8_matmul_strategy": _matmul_strategy(cuda_src, is_cuda, n_int8, tensorize),
+                "host": platform.machine(),
+            }
+            (tmp / SIDECAR_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    def _load_impl(self, artifact: Path, device: str, **options: Any) -> Runner:
+        if options:
+            raise BackendError(f"unknown tvm load options {sorted(options)}")
+        if artifact.is_file():
+            artifact = artifact.parent
+        if not (artifact / SIDECAR_NAME).is_file() or not (artifact / LIB_NAME).is_file():
+            raise BackendError(f"{artifact} is not a tvm artifact (needs {LIB_NAME} and {SIDECAR_NAME})")
+        return TVMRunner(artifact, device)
