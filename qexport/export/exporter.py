@@ -129,7 +129,6 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     i64 = lambda v: g.init("shape", np.asarray(v, dtype=np.int64))  # noqa: E731
 
     ids = b.op("Cast", "input_ids", to=TensorProto.INT32, hint="ids")
-    mask = b.op("Cast", "attention_mask", to=TensorProto.INT32, hint="mask")
     # positions
     if im.arch == "roberta":
         pad = g.init("pad", np.asarray(im.pad_token_id, dtype=np.int32))
@@ -151,7 +150,8 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     def layernorm(x: str, key: str) -> str:
         if P.layernorm:
             c: K.LayerNormConsts = C[key]
-            ins = [np.asarray(v, dtype=np.int32) for v in (c.n, c.n // 2, c.keep, list(c.gamma), list(c.beta))]
+            vals = (c.n, c.n // 2, c.keep, list(c.gamma), list(c.beta))
+            ins = [np.asarray(v, dtype=np.int32) for v in vals]
             return g.call("ILayerNorm", x, *g.ints(key, ins + _rq_arrays(c.out)), hint=key.replace(".", "_"))
         xf = g.dequant(x, im.s(key + ".in_s"))
         y = b.op("LayerNormalization", xf, g.init(key + ".g", im.t[key + ".g"].numpy()),
@@ -213,7 +213,8 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     logits_int = g.linear_layer(pooled, im.lin["cls"], "cls")
     b.nodes.append(helper.make_node("Identity", [logits_int], ["logits_int"]))
     scale = g.init("logits_scale", np.asarray(im.logits_scale, dtype=np.float32))
-    b.nodes.append(helper.make_node("Mul", [b.op("Cast", "logits_int", to=TensorProto.FLOAT), scale], ["logits"]))
+    as_float = b.op("Cast", "logits_int", to=TensorProto.FLOAT)
+    b.nodes.append(helper.make_node("Mul", [as_float, scale], ["logits"]))
 
     dims = ["batch", "seq"]
     graph = helper.make_graph(

@@ -14,7 +14,8 @@ flat form folds them with ordinary constant folding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,14 +42,16 @@ class Body:
         self.n += 1
         return f"{self.prefix}{hint}_{self.n}"
 
-    def op(self, op_type: str, *inputs: str, domain: str = "", hint: str | None = None, **attrs: object) -> str:
+    def op(
+        self, op_type: str, *inputs: str, domain: str = "", hint: str | None = None, **attrs: Any
+    ) -> str:
         out = self.fresh(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], domain=domain, **attrs))
         return out
 
     def const(self, value: int | Sequence[int], hint: str = "c", dtype: type = np.int32) -> str:
         out = self.fresh(hint)
-        arr = np.asarray(value, dtype=dtype)
+        arr: np.ndarray = np.asarray(value, dtype=dtype)
         self.nodes.append(helper.make_node("Constant", [], [out], value=numpy_helper.from_array(arr, out)))
         return out
 
@@ -66,8 +69,8 @@ class Body:
         """``sum_i [n >= 2**i]`` over ``i < bits`` (n >= 0), as comparisons + ReduceSum."""
         thr = self.const([1 << i for i in range(bits)], "thr")
         ge = self.op("GreaterOrEqual", self.op("Unsqueeze", n, self.const([-1], dtype=np.int64)), thr)
-        return self.op("ReduceSum", self.op("Cast", ge, to=TensorProto.INT32), self.const([-1], dtype=np.int64),
-                       keepdims=0)
+        as_int = self.op("Cast", ge, to=TensorProto.INT32)
+        return self.op("ReduceSum", as_int, self.const([-1], dtype=np.int64), keepdims=0)
 
     def reduce(self, op: str, x: str) -> str:
         return self.op(op, x, self.const([-1], dtype=np.int64), keepdims=1)
@@ -183,7 +186,7 @@ SIGNATURES: dict[str, list[str]] = {
     "ITanh": ["q", "in_max", *EXP_INPUTS, "one", "out_max"],
     "ILayerNorm": ["q", "n", "half_n", "keep", "gamma", "beta", *REQUANT_INPUTS[1:]],
 }
-_BODIES = {
+_BODIES: dict[str, Callable[..., str]] = {
     "Requant": requant_body,
     "ISqrt": isqrt_body,
     "IExp": iexp_body,
