@@ -208,13 +208,9 @@ def _shape_dict(model: Any, shapes: Mapping[str, int] | None) -> tuple[dict[str,
 
 def _flatten_onnx(model: Any) -> Any:
     """Inline ONNX functions and fold what TVM's importer rejects (Constant(value_int), ...)."""
-    import onnx.inliner
-    import onnxscript.optimizer
+    from qexport.export.exporter import inline_and_fold
 
-    custom = [n.domain for n in model.graph.node if n.domain not in ("", "ai.onnx")]
-    if model.functions or custom:
-        model = onnx.inliner.inline_local_functions(model)
-    model = onnxscript.optimizer.optimize(model)
+    model = inline_and_fold(model)
     _drop_zero_zero_points(model)
     left = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if left:

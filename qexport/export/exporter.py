@@ -135,9 +135,11 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         live = b.op("Cast", b.op("Not", b.op("Equal", ids, pad)), to=TensorProto.INT32)
         pos = b.op("Add", b.op("Mul", b.op("CumSum", live, i64(1)), live), pad, hint="pos")
     else:
-        seq = b.op("Gather", b.op("Shape", "input_ids"), i64(1))
-        pos = b.op("Range", g.init("zero64", np.asarray(0, dtype=np.int64)), seq,
-                   g.init("one64", np.asarray(1, dtype=np.int64)), hint="pos")
+        # 0..T-1 per row as CumSum(ones) - 1: keeps the [batch, seq] shape static-rank for importers
+        # (TVM loses the shape of a Range over a dynamic length)
+        one = g.init("one", np.asarray(1, dtype=np.int32))
+        ones = b.op("Add", b.op("Mul", ids, g.init("zero", np.asarray(0, dtype=np.int32))), one)
+        pos = b.op("Sub", b.op("CumSum", ones, i64(1)), one, hint="pos")
     e_parts = []
     for k, idx in (("word", ids), ("pos", pos)):
         table = g.init(f"emb.{k}.w", im.emb[k].numpy().astype(np.int8))
@@ -255,7 +257,10 @@ def inline_and_fold(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxscript.optimizer
 
-        flat = onnxscript.optimizer.optimize(flat, num_iterations=2)
+        # constant folding only: optimize()'s rewrite rules fuse Min/Max into Clip, which TVM's
+        # importer cannot take with dynamic shapes
+        onnxscript.optimizer.fold_constants(flat)
+        onnxscript.optimizer.remove_unused_nodes(flat)
     except Exception as exc:  # folding is an optimisation: the inlined graph is already valid
         import warnings
 
