@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qexport.cli import main
@@ -34,7 +33,8 @@ def cases(int_checkpoint: Path) -> list[tuple[dict[str, np.ndarray], np.ndarray]
     long = sorted(ex, key=lambda e: -len(e.text))[:7]  # long enough to reach 128 with padding
     ref = IntegerModel.from_checkpoint(int_checkpoint)
     out = []
-    for batch, max_len, pad_to in ((ex[:1], 5, None), (ex[1:8], 17, None), (long, 64, 128), (ex[8:9], 128, 128)):
+    plan = ((ex[:1], 5, None), (ex[1:8], 17, None), (long, 64, 128), (ex[8:9], 128, 128))
+    for batch, max_len, pad_to in plan:
         enc = encode(batch, tok, max_length=max_len, pad_to=pad_to)
         feeds = {k: enc[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")}
         r = ref(enc["input_ids"], enc["attention_mask"]).numpy()
@@ -176,7 +176,8 @@ def test_tvm_constant_rows_do_not_crash(tmp_path: Path) -> None:
         "g = helper.make_graph([cast, node], 'g', [helper.make_tensor_value_info('input_ids', "
         "TensorProto.INT64, ['b', 8])], [helper.make_tensor_value_info('y', TensorProto.INT32, ['b', 8])],"
         " [numpy_helper.from_array(a, n) for a, n in zip(vals, names)])\n"
-        "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 18), helper.make_opsetid(DOMAIN, 1)],"
+        "m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 18),"
+        " helper.make_opsetid(DOMAIN, 1)],"
         " functions=function_protos(['ILayerNorm']), ir_version=10)\n"
         f"onnx.save(inline_and_fold(m), r'{tmp_path}/ln.onnx')\n"
         "be = get_backend('tvm')\n"

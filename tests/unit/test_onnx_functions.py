@@ -37,7 +37,8 @@ class OpCase:
 
 def _gelu(scale: float) -> tuple[list[np.ndarray], Any]:
     c = K.gelu_constants(scale)
-    vals = (c.in_max, (1 << c.pre) >> 1, 1 << c.pre, c.clip, c.one, (1 << c.shift) >> 1, 1 << c.shift, c.one_s)
+    half_pre, half_shift = (1 << c.pre) >> 1, (1 << c.shift) >> 1
+    vals = (c.in_max, half_pre, 1 << c.pre, c.clip, c.one, half_shift, 1 << c.shift, c.one_s)
     return [np.asarray(v, np.int32) for v in vals], c
 
 
