@@ -91,10 +91,20 @@ class GraphBuilder:
     def to_int8(self, x: str) -> str:
         return self.b.op("Cast", x, to=TensorProto.INT8)
 
-    def matmul(self, a8: str, b8: str, hint: str) -> str:
-        """int8 x int8 -> int32 (see module docstring for the two forms)."""
+    def matmul(self, a32: str, b8: str, hint: str, a_nonneg: bool = False) -> str:
+        """int8 x int8 -> int32 (see module docstring for the two forms).
+
+        ``integer`` form: MatMulInteger on int8 x int8. Operands known to lie in [0, 127]
+        (softmax probabilities) go in as uint8, which x86 GEMMs (ORT's MLAS u8s8) run much
+        faster and still exactly: a pair of products is at most 2 * 127 * 127 < 2**15, so the
+        int16 pair sums of AVX2's vpmaddubsw cannot saturate. (A general ``a + 128`` uint8
+        shift with zero point 128 is *not* exact on AVX2 for that reason: it was seen to differ.)
+        """
         if self.linear == "integer":
-            return self.b.op("MatMulInteger", a8, b8, hint=hint)
+            if a_nonneg:
+                return self.b.op("MatMulInteger", self.b.op("Cast", a32, to=TensorProto.UINT8), b8, hint=hint)
+            return self.b.op("MatMulInteger", self.to_int8(a32), b8, hint=hint)
+        a8 = self.to_int8(a32)
         one = self.init("qdq_scale", np.asarray(1.0, dtype=np.float32))
         zp = self.init("qdq_zp", np.asarray(0, dtype=np.int8))
         fa = self.b.op("DequantizeLinear", a8, one, zp)
@@ -104,7 +114,7 @@ class GraphBuilder:
     def linear_layer(self, x32: str, lin: Any, key: str) -> str:
         w = self.init(key + ".w", lin.w_t.numpy().astype(np.int8))
         b = self.init(key + ".b", lin.b.numpy().astype(np.int32))
-        return self.b.op("Add", self.matmul(self.to_int8(x32), w, key), b, hint=key)
+        return self.b.op("Add", self.matmul(x32, w, key), b, hint=key)
 
     # float fallbacks for presets that keep an op in float ---------------------------------
     def dequant(self, x: str, scale: float) -> str:
@@ -161,8 +171,12 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         return g.quant(y, im.s(key + ".out_s"))
 
     h = layernorm(e, "emb.ln")
-    keep = b.op("Cast", b.op("Unsqueeze", "attention_mask", i64([1, 2])), to=TensorProto.BOOL)
-    fill = g.init("mask_fill", np.asarray(-K.MASK_FILL, dtype=np.int32))
+    # masked keys: scores * keep + (keep - 1) * MASK_FILL (arithmetic instead of a Where per layer)
+    keep = b.op("Cast", b.op("Unsqueeze", "attention_mask", i64([1, 2])), to=TensorProto.INT32)
+    keep = b.op("Max", b.op("Min", keep, g.init("one", np.asarray(1, dtype=np.int32))),
+                g.init("zero", np.asarray(0, dtype=np.int32)))  # == (mask > 0)
+    fill = b.op("Mul", b.op("Sub", keep, g.init("one", np.asarray(1, dtype=np.int32))),
+                g.init("mask_fill", np.asarray(K.MASK_FILL, dtype=np.int32)))
     split_shape = i64([0, -1, nh, hd])
     merge_shape = i64([0, -1, H])
     for i in range(im.num_layers):
@@ -175,8 +189,8 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         q = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.q"], f"{p}.q"), C[f"{p}.q.rq"], f"{p}_q"))
         kT = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.k"], f"{p}.k"), C[f"{p}.k.rq"], f"{p}_k"), True)
         v = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.v"], f"{p}.v"), C[f"{p}.v.rq"], f"{p}_v"))
-        scores = g.matmul(g.to_int8(q), g.to_int8(kT), f"{p}_scores")
-        scores = b.op("Where", keep, scores, fill)
+        scores = g.matmul(q, g.to_int8(kT), f"{p}_scores")
+        scores = b.op("Add", b.op("Mul", scores, keep), fill)
         if P.softmax:
             sc: K.SoftmaxConsts = C[f"{p}.softmax"]
             ins = _exp_arrays(sc.exp) + [np.asarray(sc.out_max, dtype=np.int32)]
@@ -184,7 +198,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         else:
             pf = b.op("Softmax", g.dequant(scores, C[f"{p}.scores_s"]), axis=-1)
             probs = g.quant(b.op("Mul", pf, g.init("s127", np.asarray(127.0, dtype=np.float32))), 1.0)
-        ctx = g.matmul(g.to_int8(probs), g.to_int8(v), f"{p}_pv")
+        ctx = g.matmul(probs, g.to_int8(v), f"{p}_pv", a_nonneg=True)
         ctx = g.requant(ctx, C[f"{p}.ctx.rq"], f"{p}_ctx")
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), merge_shape)
         o = g.requant(g.linear_layer(ctx, im.lin[f"{p}.o"], f"{p}.o"), C[f"{p}.o.rq"], f"{p}_o")
