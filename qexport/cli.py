@@ -175,11 +175,12 @@ def trt(
 ) -> None:
     """Build a TensorRT engine (or, with --check, lint the graph offline)."""
     from qexport.backends.trt import check_onnx_file, format_findings
+    from qexport.backends.trt_support import errors_only
 
     findings = check_onnx_file(model)
     if check:
         typer.echo(format_findings(findings))
-        raise typer.Exit(2 if findings else 0)
+        raise typer.Exit(2 if errors_only(findings) else 0)
     from qexport.backends import get_backend
 
     out = output or model.with_suffix(".plan")
@@ -273,7 +274,9 @@ def demo(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: QexportError -> one line on stderr + its exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int):  # typer.Exit(code) inside a command, with standalone_mode=False
+            return rc
     except QexportError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code

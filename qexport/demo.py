@@ -100,12 +100,14 @@ def run_demo(out: Path, recipe: Path, overrides: list[str], parity_limit: int | 
 
     t = _stage("TVM (llvm) build + verify")
     tvm_dir = get_backend("tvm").compile(onnx_flat, out / "tvm-llvm", target="llvm")
-    tvm_res = verify(ckpt, "tvm", tvm_dir, "rt", limit=parity_limit, out_dir=out / "parity-tvm")
+    # TVM's llvm build is untuned (see README): parity on a smaller slice keeps the demo short
+    tvm_limit = None if parity_limit is None else min(parity_limit, 64)
+    tvm_res = verify(ckpt, "tvm", tvm_dir, "rt", limit=tvm_limit, out_dir=out / "parity-tvm")
     summary["parity_mismatches_tvm"] = tvm_res["mismatches"]
     timings["tvm_s"] = time.perf_counter() - t
 
     t = _stage("report (CPU)")
-    rep = run_report(ckpt, None, ["torch", "ort", "tvm", "trt"], "cpu", [1, 8], [128], 10, out / "report")
+    rep = run_report(ckpt, None, ["torch", "ort", "tvm", "trt"], "cpu", [1, 8], [128], 5, out / "report")
     summary["cpu_speedup_int8_vs_fp32"] = rep.get("cpu_speedup_int8_vs_fp32")
     timings["report_s"] = time.perf_counter() - t
 

@@ -88,10 +88,25 @@ class GraphBuilder:
     def requant(self, x: str, p: K.RequantParams | K.ChannelRequant, hint: str) -> str:
         return self.call("Requant", x, *self.ints(hint + "_rq", _rq_arrays(p)), hint=hint)
 
-    def to_int8(self, x: str) -> str:
-        return self.b.op("Cast", x, to=TensorProto.INT8)
+    def table(self, name: str, t: Any) -> str:
+        """An int8 embedding table to Gather from: int8 (integer form), or dequantized with
+        scale 1 (QDQ form: TensorRT gathers no int8 tensors)."""
+        w = self.init(name, t.numpy().astype(np.int8))
+        if self.linear == "integer":
+            return w
+        one = self.init("qdq_scale", np.asarray(1.0, dtype=np.float32))
+        return self.b.op("DequantizeLinear", w, one, self.init("qdq_zp", np.asarray(0, dtype=np.int8)))
 
-    def matmul(self, a32: str, b8: str, hint: str, a_nonneg: bool = False) -> str:
+    def to_int8(self, x: str) -> str:
+        """int32 values in [-127, 127] -> int8: a Cast (integer form) or QuantizeLinear with
+        scale 1 (QDQ form: TensorRT has int8 only as a quantized type; exact for such values)."""
+        if self.linear == "integer":
+            return self.b.op("Cast", x, to=TensorProto.INT8)
+        one = self.init("qdq_scale", np.asarray(1.0, dtype=np.float32))
+        zp = self.init("qdq_zp", np.asarray(0, dtype=np.int8))
+        return self.b.op("QuantizeLinear", self.b.op("Cast", x, to=TensorProto.FLOAT), one, zp)
+
+    def matmul(self, a32: str, b8: str, hint: str, a_nonneg: bool = False, b_is_int32: bool = False) -> str:
         """int8 x int8 -> int32 (see module docstring for the two forms).
 
         ``integer`` form: MatMulInteger on int8 x int8. Operands known to lie in [0, 127]
@@ -100,14 +115,15 @@ class GraphBuilder:
         int16 pair sums of AVX2's vpmaddubsw cannot saturate. (A general ``a + 128`` uint8
         shift with zero point 128 is *not* exact on AVX2 for that reason: it was seen to differ.)
         """
+        if b_is_int32:  # an activation: int32 values in [-127, 127]
+            b8 = self.to_int8(b8)
         if self.linear == "integer":
             if a_nonneg:
                 return self.b.op("MatMulInteger", self.b.op("Cast", a32, to=TensorProto.UINT8), b8, hint=hint)
             return self.b.op("MatMulInteger", self.to_int8(a32), b8, hint=hint)
-        a8 = self.to_int8(a32)
         one = self.init("qdq_scale", np.asarray(1.0, dtype=np.float32))
         zp = self.init("qdq_zp", np.asarray(0, dtype=np.int8))
-        fa = self.b.op("DequantizeLinear", a8, one, zp)
+        fa = self.b.op("DequantizeLinear", self.to_int8(a32), one, zp)
         fb = self.b.op("DequantizeLinear", b8, one, zp)
         return self.b.op("Cast", self.b.op("MatMul", fa, fb), to=TensorProto.INT32, hint=hint)
 
@@ -152,8 +168,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         pos = b.op("Sub", b.op("CumSum", ones, i64(1)), one, hint="pos")
     e_parts = []
     for k, idx in (("word", ids), ("pos", pos)):
-        table = g.init(f"emb.{k}.w", im.emb[k].numpy().astype(np.int8))
-        x = b.op("Cast", b.op("Gather", table, idx), to=TensorProto.INT32)
+        x = b.op("Cast", b.op("Gather", g.table(f"emb.{k}.w", im.emb[k]), idx), to=TensorProto.INT32)
         e_parts.append(g.requant(x, C[f"emb.{k}.rq"], f"emb_{k}"))
     tt_row = g.init("emb.tt.row0", im.emb["tt"][0].numpy().astype(np.int32))
     e_parts.append(g.requant(tt_row, C["emb.tt.rq"], "emb_tt"))
@@ -189,7 +204,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         q = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.q"], f"{p}.q"), C[f"{p}.q.rq"], f"{p}_q"))
         kT = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.k"], f"{p}.k"), C[f"{p}.k.rq"], f"{p}_k"), True)
         v = heads(g.requant(g.linear_layer(h, im.lin[f"{p}.v"], f"{p}.v"), C[f"{p}.v.rq"], f"{p}_v"))
-        scores = g.matmul(q, g.to_int8(kT), f"{p}_scores")
+        scores = g.matmul(q, kT, f"{p}_scores", b_is_int32=True)
         scores = b.op("Add", b.op("Mul", scores, keep), fill)
         if P.softmax:
             sc: K.SoftmaxConsts = C[f"{p}.softmax"]
@@ -198,7 +213,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         else:
             pf = b.op("Softmax", g.dequant(scores, C[f"{p}.scores_s"]), axis=-1)
             probs = g.quant(b.op("Mul", pf, g.init("s127", np.asarray(127.0, dtype=np.float32))), 1.0)
-        ctx = g.matmul(probs, g.to_int8(v), f"{p}_pv", a_nonneg=True)
+        ctx = g.matmul(probs, v, f"{p}_pv", a_nonneg=True, b_is_int32=True)
         ctx = g.requant(ctx, C[f"{p}.ctx.rq"], f"{p}_ctx")
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), merge_shape)
         o = g.requant(g.linear_layer(ctx, im.lin[f"{p}.o"], f"{p}.o"), C[f"{p}.o.rq"], f"{p}_o")

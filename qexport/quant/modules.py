@@ -51,6 +51,10 @@ def weight_scale(w: torch.Tensor, bits: int, per_channel: bool = True) -> torch.
     return torch.clamp(a, min=1e-8) / qmax(bits)
 
 
+#: Activation quantizers at or above this width only observe ranges in the float emulation.
+WIDE_PASSTHROUGH_BITS = 16
+
+
 class QuantAct(nn.Module):
     """Activation quantizer with an EMA of ``max |x|`` (I-BERT's QuantAct, symmetric).
 
@@ -89,7 +93,9 @@ class QuantAct(nn.Module):
             return x
         if self.training:
             self.observe(x)
-        if not bool(self.initialized):
+        if not bool(self.initialized) or self.bits >= WIDE_PASSTHROUGH_BITS:
+            # 16-bit intermediates: range tracking only; their rounding (2**-15 relative) is far
+            # below the int8 noise the QAT emulates, and skipping it keeps QAT steps cheap
             return x
         return fake_quant(x, self.scale.to(x.dtype), self.bits)
 

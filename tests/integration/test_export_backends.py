@@ -194,3 +194,21 @@ def test_tvm_constant_rows_do_not_crash(tmp_path: Path) -> None:
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK" in proc.stdout
+
+
+def test_trt_lint_passes_the_qdq_lowering_and_names_what_fails(  # type: ignore[no-untyped-def]
+    int_checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    """The QDQ flat form is TensorRT-buildable by the parser's support matrix; the MatMulInteger
+    form is not, and --check says which nodes and exits 2."""
+    from qexport.backends.trt_support import check_onnx_file, errors_only
+
+    qdq = export_onnx(int_checkpoint, tmp_path / "qdq.onnx", form="flat", linear="qdq")
+    assert errors_only(check_onnx_file(qdq)) == []
+    assert main(["trt", "--check", str(qdq)]) == 0
+    integer = export_onnx(int_checkpoint, tmp_path / "int.onnx", form="flat", linear="integer")
+    errs = errors_only(check_onnx_file(integer))
+    assert {f.op for f in errs} >= {"MatMulInteger"}
+    capsys.readouterr()
+    assert main(["trt", "--check", str(integer)]) == 2
+    assert "MatMulInteger: TensorRT has no integer MatMul" in capsys.readouterr().out
