@@ -57,6 +57,10 @@ class ORTBackend(Backend):
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's QDQ transformer would fuse DequantizeLinear -> MatMul into its int8 GEMM, whose
+        # AVX2 u8s8 kernel saturates int16 pair sums (vpmaddubsw): not bit-exact. The QDQ form is
+        # float MatMul on exact integers by contract; the integer form is MatMulInteger.
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
         if threads:
             so.intra_op_num_threads = threads
         try:

@@ -55,10 +55,13 @@ def test_ort_bit_exact(int_checkpoint: Path, cases, tmp_path: Path, form: str, l
     # int8 weights: the file is about the checkpoint's size, not FP32's
     ckpt_bytes = json.loads((int_checkpoint / "manifest.json").read_text())["total_bytes"]
     assert path.stat().st_size < 1.2 * ckpt_bytes
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    from qexport.backends import get_backend
+
+    runner = get_backend("ort").load(path, "cpu")
     scale = float(dict((p.key, p.value) for p in model.metadata_props)["logits_scale"])
     for feeds, ref in cases:
-        logits, logits_int = sess.run(["logits", "logits_int"], feeds)
+        out = runner.run(feeds)
+        logits, logits_int = out["logits"], out["logits_int"]
         assert logits_int.dtype == np.int32
         np.testing.assert_array_equal(logits_int, ref)
         np.testing.assert_allclose(logits, ref * scale, rtol=1e-6)
