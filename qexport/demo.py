@@ -7,8 +7,6 @@ CPU latency report -> ``summary.json``.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +19,6 @@ console = Console(stderr=True)
 def _stage(name: str) -> float:
     console.rule(f"[bold]{name}")
     return time.perf_counter()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def evaluate_integer(
@@ -58,6 +50,7 @@ def run_demo(out: Path, recipe: Path, overrides: list[str], parity_limit: int | 
     from qexport.report.latency import run_report
     from qexport.report.size import checkpoint_size
     from qexport.train import train
+    from qexport.train.state import atomic_write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +105,6 @@ def run_demo(out: Path, recipe: Path, overrides: list[str], parity_limit: int | 
     timings["report_s"] = time.perf_counter() - t
 
     summary["timings"] = timings
-    write_json_atomic(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     console.print(f"wrote {out / 'summary.json'}")
     return summary
