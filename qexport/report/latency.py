@@ -155,6 +155,7 @@ class _Context:
     threads: int | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    failed: dict[str, Exception] = field(default_factory=dict)
 
     @property
     def art_dir(self) -> Path:
@@ -163,9 +164,18 @@ class _Context:
         return d
 
     def cached(self, key: str, make: Callable[[], Path]) -> Path:
-        """Build an artifact once per report (rows share the float ONNX export, ...)."""
+        """Build an artifact once per report (rows share the float ONNX export, ...).
+
+        A build that failed fails again at once for the next row that needs it.
+        """
+        if key in self.failed:
+            raise self.failed[key]
         if key not in self.artifacts:
-            self.artifacts[key] = make()
+            try:
+                self.artifacts[key] = make()
+            except Exception as exc:
+                self.failed[key] = exc
+                raise
         return self.artifacts[key]
 
     # --------------------------------------------------------------- shared artifacts
