@@ -71,6 +71,9 @@ def quantize(
     preset: Annotated[str, typer.Option(help="fp, linear, linear+gelu+softmax, ..., full")] = "full",
     weight_bits: Annotated[int, typer.Option(help="encoder weight bits: 8, 4 or 2")] = 8,
     emb_bits: Annotated[int, typer.Option(help="embedding bits: 8, 4 or 2")] = 8,
+    groups: Annotated[
+        str | None, typer.Option(help="only these layer groups get --weight-bits (ALL, MHA, FFN, QKV, ...)")
+    ] = None,
     data: Annotated[str | None, typer.Option(help="calibration task (rt, bbc, csv:PATH, ...)")] = None,
     calib_batches: Annotated[int, typer.Option(help="calibration batches")] = 8,
     batch_size: int = 16,
@@ -84,7 +87,7 @@ def quantize(
     path = post_training_quantize(
         model, preset=preset, weight_bits=weight_bits, emb_bits=emb_bits, data=data,
         calib_batches=calib_batches, batch_size=batch_size, max_length=max_length,
-        num_labels=num_labels, out_dir=output or Path("artifacts/checkpoint"),
+        num_labels=num_labels, out_dir=output or Path("artifacts/checkpoint"), groups=groups,
     )
     from qexport.report.size import checkpoint_size, format_size_table
 

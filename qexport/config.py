@@ -7,6 +7,9 @@ A recipe is a YAML file (see ``recipes/``)::
     task: rt                 # qexport.data.get_task spec
     max_length: 64
     quant: {preset: full, weight_bits: 8, act_bits: 8, emb_bits: 8}
+    # optional, the seeds' experiments: a quantizer on layer groups, CPT / latent schedules
+    #   weights: {groups: FFN, quantizer: minmax, bits: 2, mode: fully, rest: int8}
+    #   schedule: {cyclic: "4-8", cycles: 8, eval_bits: 8, latent_steps: 0}
     fp:  {epochs: 1, lr: 5.0e-5, batch_size: 32, warmup_ratio: 0.1, weight_decay: 0.01}
     qat: {steps: 300, lr: 1.0e-5, batch_size: 32, init_from: null, calib_batches: 8}
     train: {eval_every: 100, save_every: 50, grad_clip: 1.0, seed: 0, device: auto}
@@ -59,6 +62,105 @@ def _one_of(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
     return value
 
 
+#: Mirrors ``qexport.quant.quantizers.QUANTIZERS`` (tests/unit/test_recipes.py checks they agree).
+QUANTIZER_NAMES: tuple[str, ...] = ("minmax", "pact", "lsq", "binary", "ir-net", "ternary")
+#: Mirrors ``qexport.quant.groups.GROUPS``.
+GROUP_NAMES: tuple[str, ...] = ("EMB", "QKV", "QK", "MHA", "FFN", "CLS", "ALL", "ALL_QK")
+
+
+class WeightQuantConfig(_Strict):
+    """The seeds' weight-quantization experiments on chosen layer groups (seeds 002-004).
+
+    ``groups`` (``EMB``, ``QKV``, ``QK``, ``MHA``, ``FFN``, ``CLS``, ``ALL``, ``ALL_QK`` and unions
+    such as ``FFN+EMB``) get ``quantizer`` at ``bits``; every other layer keeps the preset's 8-bit
+    min/max (``rest: int8``) or trains in float and exports as 8-bit (``rest: fp``). ``mode``:
+    ``basic`` quantizes weights only (activations observe their ranges), ``fully`` weights and
+    activations. ``keep_last`` leaves the classifier's last linear out (seed 002). ``options`` go
+    to the quantizer (PACT ``init``/``lr_scale``/``weight_decay``, IR-Net ``t``/``k``, ternary
+    ``threshold``, ...). See :func:`qexport.quant.groups.apply_weight_quantization`.
+    """
+
+    groups: str = "ALL"
+    quantizer: str = "minmax"
+    bits: int = 8
+    mode: str = "fully"
+    rest: str = "int8"
+    keep_last: bool = True
+    per_channel: bool | None = None
+    options: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: str) -> str:
+        parts = [p.strip().upper() for p in v.split("+")]
+        for p in parts:
+            _one_of("groups", p, GROUP_NAMES)
+        return "+".join(parts)
+
+    @field_validator("quantizer")
+    @classmethod
+    def _quantizer(cls, v: str) -> str:
+        key = v.lower().replace("_", "-")
+        return str(_one_of("quantizer", "ir-net" if key == "irnet" else key, QUANTIZER_NAMES))
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v: str) -> str:
+        return str(_one_of("mode", v, ("basic", "fully")))
+
+    @field_validator("rest")
+    @classmethod
+    def _rest(cls, v: str) -> str:
+        return str(_one_of("rest", v, ("int8", "fp")))
+
+    @model_validator(mode="after")
+    def _bits_fit(self) -> WeightQuantConfig:
+        need = {"binary": 1, "ir-net": 1, "ternary": 2}.get(self.quantizer)
+        if need is not None and self.bits != need:
+            raise ValueError(f"bits: quantizer {self.quantizer} has {need}-bit weights, got {self.bits}")
+        if need is None and self.bits not in (2, 4, 8):
+            raise ValueError(
+                f"bits must be 2, 4 or 8 for {self.quantizer} (1 bit: quantizer binary or ir-net)"
+            )
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """Precision schedules during QAT (:mod:`qexport.train.schedules`).
+
+    ``cyclic``: CPT (seed 004): the selected groups' weight bits cycle ``"LO-HI"`` (``"4-8"``,
+    ``"4-16"``, ``"8-16"``) in ``cycles`` periods over the QAT stage; evaluation and the exported
+    checkpoint use ``quant.weights.bits`` (at most 8: 16-bit weights have no integer-only
+    deployment, so seed 004's "8-16" trains cycling up to 16 bits and deploys 8).
+    ``latent_steps``: latent quantization (seed 002): the first N QAT steps train in float
+    (activation ranges keep being observed), quantization switches on from step N.
+    """
+
+    cyclic: str | None = None
+    cycles: int = Field(default=8, ge=1)
+    shape: str = "cosine"
+    latent_steps: int = Field(default=0, ge=0)
+
+    @field_validator("cyclic")
+    @classmethod
+    def _cyclic(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        lo, sep, hi = str(v).partition("-")
+        try:
+            a, b = int(lo), int(hi)
+        except ValueError:
+            raise ValueError(f"must be 'LO-HI' weight bits such as '4-8', got {v!r}") from None
+        if not sep or not 2 <= a < b <= 16:
+            raise ValueError(f"must be 'LO-HI' with 2 <= LO < HI <= 16, got {v!r}")
+        return f"{a}-{b}"
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: str) -> str:
+        return str(_one_of("shape", v, ("cosine", "triangular")))
+
+
 class QuantConfig(_Strict):
     """What QAT quantizes: a named preset and bit widths (``qexport.quant.quantize_model`` arguments)."""
 
@@ -66,6 +168,8 @@ class QuantConfig(_Strict):
     weight_bits: int = 8
     act_bits: int = 8
     emb_bits: int = 8
+    weights: WeightQuantConfig | None = None
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @field_validator("preset")
     @classmethod
@@ -184,6 +288,16 @@ class Recipe(_Strict):
             raise ValueError("qat.init_from is set but quant.preset is fp (there is no QAT stage)")
         if self.distillation.enabled and self.quant.preset == "fp":
             raise ValueError("distillation.enabled needs a QAT stage (quant.preset is fp)")
+        q = self.quant
+        if q.preset == "fp" and (q.weights is not None or q.schedule.cyclic or q.schedule.latent_steps):
+            raise ValueError("quant.weights/quant.schedule need a QAT stage (quant.preset is fp)")
+        if q.schedule.cyclic is not None and (
+            q.weights is None or q.weights.quantizer not in ("minmax", "pact", "lsq")
+        ):
+            raise ValueError(
+                "quant.schedule.cyclic needs quant.weights with a multi-bit quantizer "
+                "(minmax, pact or lsq) on the groups whose bits cycle"
+            )
         return self
 
     @property
@@ -213,6 +327,9 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         info = model.model_fields.get(str(part))
         ann = getattr(info, "annotation", None)
+        # ``Sub | None`` sections: the model inside the Optional
+        subs = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = subs[0] if subs else ann
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             break
         model = ann

@@ -48,16 +48,23 @@ def post_training_quantize(
     num_labels: int | None = None,
     out_dir: Path = Path("artifacts/checkpoint"),
     seed: int = 0,
+    groups: str | None = None,
 ) -> Path:
     """Load ``model_spec``, quantize with ``preset``, calibrate and write an integer checkpoint.
 
     Calibration uses ``data`` (a task spec, its train split) when given, else
     random token ids (the right thing for ``random:`` models used for size and
     latency work; recorded in the manifest as ``calibration: random-ids``).
+    ``groups`` (seed 004: ``ALL``, ``MHA``, ``FFN``, any :mod:`qexport.quant.groups` union): only
+    those layers get ``weight_bits``, every other linear stays 8-bit.
     """
     from qexport.models import load_model
 
     p = get_preset(preset)
+    if groups is not None:
+        from qexport.quant.groups import parse_groups
+
+        groups = "+".join(parse_groups(groups))  # a bad name fails before the model loads
     check_weight_bits(weight_bits)
     check_weight_bits(emb_bits, "emb_bits")
     if p.name == "fp":
@@ -72,7 +79,13 @@ def post_training_quantize(
         else:
             num_labels = 2
     model, tok = load_model(model_spec, num_labels=num_labels, seed=seed)
-    quantize_model(model, p, weight_bits=weight_bits, emb_bits=emb_bits)
+    if groups is None:
+        quantize_model(model, p, weight_bits=weight_bits, emb_bits=emb_bits)
+    else:
+        from qexport.quant.groups import apply_weight_quantization
+
+        quantize_model(model, p, weight_bits=8, emb_bits=emb_bits)
+        apply_weight_quantization(model, groups, "minmax", weight_bits, preset=p.name)
     if data is not None:
         batches = data_batches(data, tok, calib_batches, batch_size, max_length)
         how = f"data:{data}"
@@ -85,6 +98,7 @@ def post_training_quantize(
     return save_checkpoint(
         model,
         Path(out_dir),
-        extra_manifest={"source_model": model_spec, "calibration": how, "calibration_batches": n},
+        extra_manifest={"source_model": model_spec, "calibration": how, "calibration_batches": n,
+                        "weight_groups": groups},
         tokenizer=tok,
     )

@@ -19,6 +19,10 @@ RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
                          num_attention_heads=12, intermediate_size=3072, max_position_embeddings=514,
                          type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
                          eos_token_id=2),
+    # seed 002's "transformer with two encoder layers" for AG_NEWS, trained from scratch (the seed
+    # gives no sizes: a small BERT with the offline WordPiece vocabulary)
+    "transformer-2l": dict(model_type="bert", vocab_size=30522, hidden_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=1024, max_position_embeddings=512),
     "roberta-large": dict(model_type="roberta", vocab_size=50265, hidden_size=1024, num_hidden_layers=24,
                           num_attention_heads=16, intermediate_size=4096, max_position_embeddings=514,
                           type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
@@ -37,7 +41,7 @@ def load_model(spec: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]
 
     ``spec``: a local directory, a hub name (needs the network), ``minilm``
     (offline default, 6 layers x 384), or ``random:bert-base`` /
-    ``random:roberta-base`` / ``random:roberta-large`` (random init from the
+    ``random:roberta-base`` / ``random:roberta-large`` / ``random:transformer-2l`` (random init from the
     architecture; the tokenizer is the offline WordPiece one, whose ids are
     valid in both vocabularies). The tokenizer is also attached as
     ``model.qexport_tokenizer`` so checkpoints can carry it.
@@ -47,6 +51,7 @@ def load_model(spec: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]

@@ -1,13 +1,18 @@
 """Run several recipes and compare them (the seeds' sweep over presets and tasks).
 
 ``run_sweep(recipes, out_dir)`` trains each recipe into ``out_dir/<recipe stem>/`` (a finished
-run is reused, an interrupted one resumed), then writes:
+run is reused, an interrupted one resumed; recipes whose FP stage is the same, e.g. the six presets
+on one task, train it once and the others start from it), then writes:
 
-* ``sweep.json``: one row per recipe (task, preset, bits, fp/qat/int metric, training time,
-  QAT/FP step-time ratio, true size of the integer checkpoint from its manifest's byte counts);
-* ``sweep.md``: the same as a markdown table;
+* ``sweep.json``: one row per recipe (task, preset, quantized groups, quantizer, weight bits,
+  distillation, precision schedule, fp/qat/int metric and the integer model's drop from FP, training
+  time, QAT/FP step-time ratio, true size of the integer checkpoint from its manifest's byte counts);
+* ``sweep.md``: the same as a markdown table (the seeds' tables: accuracy per combination, layer
+  group and bit width, with and without KD, per cyclic schedule);
 * ``accuracy.png``: metric per combination (bar; FP and integer side by side);
-* ``time_vs_accuracy.png``: training time vs metric (scatter, labelled).
+* ``time_vs_accuracy.png``: training time vs metric (scatter, labelled);
+* ``size_vs_accuracy.png``: true integer checkpoint size vs metric (scatter, labelled);
+* ``training_curves.png``: dev metric over training steps of every run (FP then QAT).
 """
 
 from __future__ import annotations
@@ -36,12 +41,23 @@ def _manifest_size(ckpt: Path) -> dict[str, Any]:
 def _row(recipe_path: Path, out: Path, summary: dict[str, Any]) -> dict[str, Any]:
     rec = load_recipe(recipe_path)
     metric = summary.get("int_metric", summary.get("fp_metric"))
+    w, sched = rec.quant.weights, rec.quant.schedule
+    fp_m, int_m = summary.get("fp_metric"), summary.get("int_metric")
     row: dict[str, Any] = {
         "recipe": recipe_path.stem,
         "task": rec.task,
         "model": rec.model,
         "preset": rec.quant.preset,
-        "weight_bits": rec.quant.weight_bits if rec.runs_qat else 32,
+        "weight_bits": (w.bits if w is not None else rec.quant.weight_bits) if rec.runs_qat else 32,
+        "groups": (w.groups if w is not None else "ALL+EMB") if rec.runs_qat else "-",
+        "quantizer": (w.quantizer if w is not None else "minmax") if rec.runs_qat else "-",
+        "mode": w.mode if w is not None else "fully",
+        "kd": rec.distillation.enabled,
+        "schedule": "+".join(
+            x for x in (f"cpt {sched.cyclic}" if sched.cyclic else "",
+                        f"latent {sched.latent_steps}" if sched.latent_steps else "") if x
+        ) or "-",
+        "drop": (fp_m - int_m) if (fp_m is not None and int_m is not None) else None,
         "metric_name": summary.get("metric_name", "metric"),
         "fp_metric": summary.get("fp_metric"),
         "qat_metric": summary.get("qat_metric"),
@@ -71,13 +87,17 @@ def _mb(x: Any) -> str:
 
 def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| recipe | task | preset | bits | FP | QAT | integer | train time (s) | QAT/FP step time "
-        "| int size (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| recipe | task | preset | groups | quantizer | bits | KD | schedule | FP | QAT | integer "
+        "| drop | train time (s) | QAT/FP step time | int size (MB) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['recipe']} | {r['task']} | {r['preset']} | {r['weight_bits']} | {_fmt(r['fp_metric'])} "
-        f"| {_fmt(r['qat_metric'])} | {_fmt(r['int_metric'])} | {_fmt(r['train_time_s'], 1)} "
-        f"| {_fmt(r['qat_step_time_ratio'])} | {_mb(r.get('size_bytes'))} |"
+        f"| {r['recipe']} | {r['task']} | {r['preset']} | {r.get('groups', '-')} "
+        f"| {r.get('quantizer', '-')} "
+        f"| {r['weight_bits']} | {'yes' if r.get('kd') else 'no'} | {r.get('schedule', '-')} "
+        f"| {_fmt(r['fp_metric'])} | {_fmt(r['qat_metric'])} | {_fmt(r['int_metric'])} "
+        f"| {_fmt(r.get('drop'))} "
+        f"| {_fmt(r['train_time_s'], 1)} | {_fmt(r['qat_step_time_ratio'])} | {_mb(r.get('size_bytes'))} |"
         for r in rows
     ]
     name = rows[0]["metric_name"] if rows else "metric"
@@ -128,16 +148,51 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         paths.append(save_figure(fig, out_dir / "time_vs_accuracy.png"))
     finally:
         plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if not r.get("size_bytes") or r["metric"] is None:
+            continue
+        ax.scatter([r["size_bytes"] / 1e6], [r["metric"]])
+        ax.annotate(r["recipe"], (r["size_bytes"] / 1e6, r["metric"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("integer checkpoint size (MB)")
+    ax.set_ylabel("metric (%)")
+    ax.set_title("Size vs accuracy")
+    try:
+        paths.append(save_figure(fig, out_dir / "size_vs_accuracy.png"))
+    finally:
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        mf = Path(r["out_dir"]) / "metrics.json"
+        hist = json.loads(mf.read_text()) if mf.is_file() else []
+        # one x axis: QAT steps continue after the FP stage's last step
+        fp_end = max((h["step"] for h in hist if h["stage"] == "fp"), default=0)
+        xs_ = [h["step"] + (fp_end if h["stage"] == "qat" else 0) for h in hist]
+        if xs_:
+            ax.plot(xs_, [h["metric"] for h in hist], marker=".", label=r["recipe"])
+    ax.set_xlabel("training step (FP, then QAT)")
+    ax.set_ylabel("dev metric (%)")
+    ax.set_title("Training curves")
+    if rows:
+        ax.legend(fontsize=7)
+    try:
+        paths.append(save_figure(fig, out_dir / "training_curves.png"))
+    finally:
+        plt.close(fig)
     return paths
 
 
 def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> Path:
     """Train every recipe (reusing finished runs), write the comparison; return ``sweep.md``'s path."""
-    from qexport.train.trainer import train
+    from qexport.train.trainer import fp_stage_key, train
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    fp_done: list[tuple[dict[str, Any], Path]] = []  # (FP stage key, run dir) of runs with an FP stage
     for path in recipes:
         path = Path(path)
         rec = load_recipe(path)
@@ -145,10 +200,14 @@ def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> 
         done = run_dir / "summary.json"
         st = load_state(run_dir) if (run_dir / "state").is_dir() else None
         same = st is not None and st["recipe"] == rec.dump()
+        key = fp_stage_key(rec)
         if same and done.is_file() and st is not None and st.get("stage") == "done":
             summary = json.loads(done.read_text())
-        else:  # resume an interrupted run of the same recipe, else start afresh
-            summary = train(rec, run_dir, resume=same, device=device)
+        else:  # resume an interrupted run of the same recipe, else start afresh (reusing an equal FP stage)
+            fp_from = next((d for k, d in fp_done if k == key), None)
+            summary = train(rec, run_dir, resume=same, device=device, fp_from=fp_from)
+        if rec.runs_fp:
+            fp_done.append((key, run_dir))
         rows.append(_row(path, run_dir, summary))
         atomic_write_json(out_dir / "sweep.json", rows)
     md = out_dir / "sweep.md"

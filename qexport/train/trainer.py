@@ -192,7 +192,30 @@ def build_model(spec: str, recipe: Recipe, num_labels: int, quantized: bool) -> 
 
         q = recipe.quant
         quantize_model(model, q.preset, weight_bits=q.weight_bits, act_bits=q.act_bits, emb_bits=q.emb_bits)
+        w = q.weights
+        if w is not None:
+            from qexport.quant.groups import apply_weight_quantization
+
+            apply_weight_quantization(
+                model, w.groups, w.quantizer, w.bits, w.mode, act_bits=q.act_bits, keep_last=w.keep_last,
+                preset=q.preset, rest=w.rest, per_channel=w.per_channel, **w.options,
+            )
     return model, tok
+
+
+def quant_controller(model: nn.Module, recipe: Recipe, total: int) -> Any:
+    """The QAT stage's precision schedules (CPT bits, latent switch, IR-Net's EDE); None if none."""
+    from qexport.train.schedules import EDESchedule, LatentSchedule, QuantController, parse_bit_schedule
+
+    q, s = recipe.quant, recipe.quant.schedule
+    bits = None
+    if s.cyclic is not None and q.weights is not None:
+        bits = parse_bit_schedule(s.cyclic, total, s.cycles, s.shape, final_bits=q.weights.bits)
+    latent = LatentSchedule(s.latent_steps) if s.latent_steps else None
+    ede = EDESchedule(total) if q.weights is not None and q.weights.quantizer == "ir-net" else None
+    if bits is None and latent is None and ede is None:
+        return None
+    return QuantController(model, bits=bits, latent=latent, ede=ede)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -358,7 +381,14 @@ class Run:
         total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * per_epoch)
         from transformers import get_linear_schedule_with_warmup
 
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        if stage == "qat" and self.recipe.quant.weights is not None:
+            from qexport.quant.quantizers import quant_param_groups
+
+            # PACT's clip values get their own learning-rate scale and weight decay (seed 003)
+            groups = quant_param_groups(model, cfg.lr, cfg.weight_decay)
+        else:
+            groups = param_groups(model, cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
         res = StageResult(steps=total)
         step = epoch = pos = 0
@@ -386,6 +416,7 @@ class Run:
         else:
             ddp_model = model
         model.train()
+        ctrl = quant_controller(model, self.recipe, total) if stage == "qat" else None
         kd = None
         outputs: dict[str, bool] = {}
         if teacher is not None:
@@ -406,7 +437,11 @@ class Run:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         with self.console.progress() as bar:
             task_id = bar.add_task(stage, total=total, completed=step, loss=float("nan"), rate=0.0)
+            if total == 0 and step == 0:  # calibration only (PTQ): evaluate and keep the model as is
+                self._evaluate(stage, model, 0, 0, float("nan"), eval_bs, res, save_best, ctrl)
             while step < total:
+                if ctrl is not None:
+                    ctrl.on_step(step)
                 batch = _to(data.train.batch(batches[pos]), self.device)
                 sync()
                 t_start = time.perf_counter()
@@ -442,7 +477,7 @@ class Run:
                 bar.update(task_id, completed=step, loss=lv, rate=1.0 / dt if dt > 0 else 0.0)
                 if step % rc.eval_every == 0 or step == total:
                     self._evaluate(
-                        stage, model, step, epoch, loss_sum / max(loss_n, 1), eval_bs, res, save_best
+                        stage, model, step, epoch, loss_sum / max(loss_n, 1), eval_bs, res, save_best, ctrl
                     )
                     loss_sum, loss_n = 0.0, 0
                 if step % rc.save_every == 0 or step == total:
@@ -473,8 +508,11 @@ class Run:
         eval_bs: int,
         res: StageResult,
         save_best: Callable[[nn.Module, dict[str, Any], int], None],
+        ctrl: Any = None,
     ) -> None:
         assert self.data is not None
+        # evaluate (and save) at the deployed precision: quantization on, the final weight bits
+        qstate = ctrl.on_eval() if ctrl is not None else {}
         if self.dist.is_main:
             ev = evaluate(model, self.data.dev, self.data.task, eval_bs, self.device)
             best = res.best_metric is None or ev["metric"] > res.best_metric
@@ -488,6 +526,7 @@ class Run:
                 "metric_name": self.data.task.metric_name,
                 "best": best,
                 "wall_time": round(self.wall(), 3),
+                **qstate,
             }
             self.history.append(row)
             self.write_metrics()
@@ -543,6 +582,8 @@ def _summary(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
         "model": run.recipe.model,
         "preset": run.recipe.quant.preset,
         "weight_bits": run.recipe.quant.weight_bits,
+        "weight_quant": run.recipe.quant.weights.model_dump() if run.recipe.quant.weights else None,
+        "distillation": run.recipe.distillation.enabled,
         "world_size": run.dist.world_size,
         "device": str(run.device),
         "fp_dev_metric": fp.best_metric if fp else None,
@@ -560,12 +601,20 @@ def _summary(run: Run, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def train(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | None = None) -> dict[str, Any]:
+def train(
+    recipe: Recipe,
+    out_dir: Path,
+    resume: bool = False,
+    device: str | None = None,
+    fp_from: Path | None = None,
+) -> dict[str, Any]:
     """Run the recipe's FP and QAT stages into ``out_dir``; return (and write) the summary.
 
     ``resume=True`` continues from ``out_dir/state/train_state.pt`` (a fresh start when there is
     none); the recipe must be the one the state was written with (device and log cadence aside).
-    ``device`` overrides ``recipe.train.device``. Safe under ``torchrun``.
+    ``device`` overrides ``recipe.train.device``. Safe under ``torchrun``. ``fp_from``: a finished
+    run whose FP stage had the same settings (:func:`fp_stage_key`) is reused instead of retrained
+    (``qexport sweep`` does this across presets).
     """
     out = Path(out_dir)
     pref = device or recipe.train.device
@@ -575,7 +624,7 @@ def train(recipe: Recipe, out_dir: Path, resume: bool = False, device: str | Non
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        return _train(recipe, out, resume, dist, dev)
+        return _train(recipe, out, resume, dist, dev, fp_from)
     finally:
         if dist.owns_group:
             import torch.distributed as td
@@ -591,7 +640,46 @@ def _quiet_hf() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def _train(recipe: Recipe, out: Path, resume: bool, dist: Dist, dev: torch.device) -> dict[str, Any]:
+def fp_stage_key(recipe: Recipe) -> dict[str, Any]:
+    """Everything the FP stage's result depends on: two recipes with equal keys train the same FP model."""
+    d = recipe.dump()
+    skip = ("save_every", "log_every", "test_split", "test_limit")
+    loop = {k: v for k, v in d["train"].items() if k not in skip}
+    return {"model": d["model"], "task": d["task"], "max_length": d["max_length"], "fp": d["fp"],
+            "train": loop}
+
+
+def _reuse_fp(run: Run, other: Path) -> bool:
+    """Start ``run`` at its QAT stage from the finished FP stage of the run in ``other`` (same
+    :func:`fp_stage_key`): its best FP model, step timings and history are copied, so the run is the
+    one training it again would give (the FP stage is seeded and deterministic) without the time."""
+    import shutil
+
+    from qexport.config import validate_recipe
+
+    st = load_state(other) if (other / "state").is_dir() else None
+    if st is None or "fp" not in st.get("results", {}) or not (other / "fp").is_dir():
+        return False
+    if fp_stage_key(validate_recipe(st["recipe"])) != fp_stage_key(run.recipe):
+        return False
+    if run.dist.is_main:
+        tmp = run.out / ".fp.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(other / "fp", tmp)
+        shutil.rmtree(run.out / "fp", ignore_errors=True)
+        tmp.replace(run.out / "fp")
+    run.results["fp"] = StageResult.from_dict(st["results"]["fp"])
+    run.history = [dict(h, reused_from=str(other)) for h in st["history"] if h.get("stage") == "fp"]
+    run.wall_offset = max((float(h["wall_time"]) for h in run.history), default=0.0)
+    run.console.log(f"[fp] reusing the finished FP stage of {other} (same model, task, data and FP settings)")
+    run.save({"stage": "qat", "model": None})
+    run.dist.barrier()
+    return True
+
+
+def _train(
+    recipe: Recipe, out: Path, resume: bool, dist: Dist, dev: torch.device, fp_from: Path | None = None
+) -> dict[str, Any]:
     _quiet_hf()
     run = Run(recipe, out, dist, dev)
     state = load_state(out) if resume else None
@@ -610,6 +698,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, dist: Dist, dev: torch.devic
     if dist.is_main and state is None:
         for stale in ("metrics.json", "summary.json"):
             (out / stale).unlink(missing_ok=True)
+    if fp_from is not None and state is None and recipe.runs_fp and _reuse_fp(run, Path(fp_from)):
+        state = load_state(out)
 
     from qexport.data import get_task
 

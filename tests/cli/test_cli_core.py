@@ -26,6 +26,7 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
         (["quantize", "--model", "./no/such/model"], "model path does not exist"),
         (["size", "/nonexistent/ckpt"], "checkpoint not found"),
         (["quantize", "--model", "random:gpt9"], "unknown random architecture"),
+        (["quantize", "--groups", "FFN+ATTN"], "unknown layer group 'ATTN'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv: list[str], needle: str, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -73,3 +74,20 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: checkpoint not found")
+
+
+def test_ptq_on_layer_groups(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Seed 004's PTQ: only the chosen groups get the low bit width, calibrated on real data."""
+    from qexport.train.tiny import make_tiny_model, make_tiny_task
+
+    model = make_tiny_model(tmp_path / "model")
+    task = make_tiny_task(tmp_path / "task.csv", n_train=64, n_dev=8, n_test=8)
+    out = tmp_path / "ckpt"
+    code, _, err = run(["quantize", "--model", str(model), "--groups", "MHA", "--weight-bits", "4",
+                        "--data", f"csv:{task}", "--calib-batches", "2", "-o", str(out)], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["weight_groups"] == "MHA" and m["calibration"] == f"data:csv:{task}"
+    wb = m["weight_bits"]
+    assert {wb[f"l{i}.{n}"] for i in range(2) for n in "qkvo"} == {4}
+    assert {wb[f"l{i}.{n}"] for i in range(2) for n in ("f1", "f2")} == {8}

@@ -7,10 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qexport.config import PRESET_NAMES, WEIGHT_BITS, Recipe, apply_overrides, load_recipe, validate_recipe
+from qexport.config import (
+    GROUP_NAMES,
+    PRESET_NAMES,
+    QUANTIZER_NAMES,
+    WEIGHT_BITS,
+    Recipe,
+    apply_overrides,
+    load_recipe,
+    validate_recipe,
+)
 from qexport.errors import ConfigError
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").rglob("*.yaml"))
 
 
 def test_recipes_exist() -> None:
@@ -27,7 +36,8 @@ def test_every_recipe_validates(path: Path) -> None:
     rec = load_recipe(path)
     assert rec.version == 1
     assert rec.name == path.stem
-    assert rec.quant.preset in path.stem  # the file name says which preset it is
+    if rec.quant.weights is None and not rec.quant.schedule.cyclic:
+        assert rec.quant.preset in path.stem  # the file name says which preset it is
     assert rec.runs_qat == (rec.quant.preset != "fp")
 
 
@@ -37,6 +47,33 @@ def test_constants_mirror_quant() -> None:
 
     assert tuple(PRESETS) == PRESET_NAMES
     assert tuple(QUANT_BITS) == WEIGHT_BITS
+    from qexport.quant.groups import GROUPS
+    from qexport.quant.quantizers import QUANTIZERS
+
+    assert tuple(QUANTIZERS) == QUANTIZER_NAMES
+    assert tuple(GROUPS) == GROUP_NAMES
+
+
+def test_weight_quant_and_schedule_errors(tmp_path: Path) -> None:
+    def w(**kw: object) -> dict[str, object]:
+        return {"quant": {"preset": "full", "weights": kw}}
+
+    assert "quant.weights.groups must be one of EMB, QKV" in _err(tmp_path, w(groups="FFN+ATT"))
+    assert "quant.weights.quantizer must be one of minmax, pact" in _err(tmp_path, w(quantizer="dorefa"))
+    assert "quantizer binary has 1-bit weights, got 4" in _err(tmp_path, w(quantizer="binary", bits=4))
+    assert "quantizer ternary has 2-bit weights" in _err(tmp_path, w(quantizer="ternary", bits=8))
+    assert "bits must be 2, 4 or 8 for lsq" in _err(tmp_path, w(quantizer="lsq", bits=16))
+    msg = _err(tmp_path, w(groups="FFN", bitz=2))
+    assert "unknown key 'quant.weights.bitz'" in msg and "quantizer" in msg and "keep_last" in msg
+    msg = _err(tmp_path, {"quant": {"preset": "full", "schedule": {"cyclic": "4-8"}}})
+    assert "quant.schedule.cyclic needs quant.weights" in msg
+    assert "LO-HI" in _err(tmp_path, {"quant": {"preset": "full", "schedule": {"cyclic": "8-4"}}})
+    assert "LO-HI" in _err(tmp_path, {"quant": {"preset": "full", "schedule": {"cyclic": "four"}}})
+    msg = _err(tmp_path, {"quant": {"preset": "fp", "weights": {"groups": "FFN"}}})
+    assert "need a QAT stage" in msg
+    rec = load_recipe(_write(tmp_path, w(groups="ffn+emb", quantizer="IRNet", bits=1)))
+    assert rec.quant.weights is not None
+    assert (rec.quant.weights.groups, rec.quant.weights.quantizer) == ("FFN+EMB", "ir-net")
 
 
 def _write(tmp_path: Path, data: object) -> Path:
@@ -110,3 +147,36 @@ def test_defaults_and_dump_roundtrip() -> None:
     rec = Recipe()
     assert rec.model == "minilm" and rec.quant.preset == "full" and rec.qat.init_from is None
     assert validate_recipe(rec.dump()) == rec
+
+
+def test_seed_recipes_are_generated_and_cover_the_tables() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "tools" / "make_seed_recipes.py"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    seeds = {p.relative_to(root / "recipes" / "seeds").as_posix() for p in RECIPES if "seeds" in p.parts}
+    # seed 003's table: LSQ 4/2-bit on each group and union, SST-2 and RTE
+    for task in ("sst2", "rte"):
+        for bits in (4, 2):
+            for g in ("ffn", "emb", "qkv", "ffn+emb", "emb+qkv", "ffn+qkv", "all"):
+                assert f"003/glue-{task}-roberta-base-lsq{bits}-{g}.yaml" in seeds
+    assert "003/glue-cola-roberta-base-lsq2-ffn-kd-trm.yaml" in seeds
+    for cyc in ("4-8", "4-16", "8-16", "8"):
+        assert f"004/glue-mnli-roberta-base-cpt-{cyc}.yaml" in seeds
+    rec = load_recipe(root / "recipes/seeds/003/glue-rte-roberta-base-lsq2-all.yaml")
+    assert rec.quant.weights is not None and rec.quant.weights.groups == "FFN+EMB+QKV"
+    ptq = load_recipe(root / "recipes/seeds/004/glue-sst2-roberta-base-ptq4-mha.yaml")
+    assert ptq.qat.epochs == 0 and ptq.quant.weights is not None and ptq.quant.weights.bits == 4
+    latent = load_recipe(root / "recipes/seeds/002/ag_news-transformer2l-bin-ir-all_qk-latent.yaml")
+    assert latent.quant.schedule.latent_steps > 0 and not latent.runs_fp  # from scratch
+    assert load_recipe(root / "recipes/seeds/002/ag_news-transformer2l-bin-ir-all_qk-pretrained.yaml").runs_fp
+
+
+def test_seed_002_model_builds() -> None:
+    from qexport.models import load_model
+
+    model, _ = load_model("random:transformer-2l", num_labels=4)
+    assert model.config.num_hidden_layers == 2 and model.config.num_labels == 4
