@@ -185,6 +185,23 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _finished_fp_stages(out_dir: Path) -> list[tuple[dict[str, Any], Path]]:
+    """FP stages finished by earlier runs in ``out_dir`` (a later sweep in the same directory reuses them)."""
+    from qexport.config import validate_recipe
+    from qexport.errors import QexportError
+    from qexport.train.trainer import fp_stage_key
+
+    found: list[tuple[dict[str, Any], Path]] = []
+    for d in sorted(p for p in out_dir.iterdir() if (p / "state").is_dir() and (p / "fp").is_dir()):
+        try:
+            st = load_state(d)
+            if st is not None and "fp" in st.get("results", {}) and st.get("stage") != "fp":
+                found.append((fp_stage_key(validate_recipe(st["recipe"])), d))
+        except QexportError:
+            continue  # an unreadable or outdated run is just not reused
+    return found
+
+
 def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> Path:
     """Train every recipe (reusing finished runs), write the comparison; return ``sweep.md``'s path."""
     from qexport.train.trainer import fp_stage_key, train
@@ -192,7 +209,8 @@ def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    fp_done: list[tuple[dict[str, Any], Path]] = []  # (FP stage key, run dir) of runs with an FP stage
+    # (FP stage key, run dir) of finished FP stages: earlier runs in out_dir, then this sweep's
+    fp_done: list[tuple[dict[str, Any], Path]] = _finished_fp_stages(out_dir)
     for path in recipes:
         path = Path(path)
         rec = load_recipe(path)

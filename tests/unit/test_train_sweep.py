@@ -71,3 +71,10 @@ def test_tiny_sweep(tmp_path: Path) -> None:
     before = (out / "tiny-full" / "summary.json").stat().st_mtime_ns
     run_sweep(paths, out)
     assert (out / "tiny-full" / "summary.json").stat().st_mtime_ns == before
+    # a later sweep in the same directory reuses the FP stage an earlier one finished
+    late = dict(exp, quant={"preset": "full", "weights": {"groups": "QKV", "bits": 4}}, distillation={})
+    p = tmp_path / "tiny-w4-qkv.yaml"
+    p.write_text(yaml.safe_dump(late))
+    run_sweep([p], out)
+    hist = json.loads((out / "tiny-w4-qkv" / "metrics.json").read_text())
+    assert {h.get("reused_from") for h in hist if h["stage"] == "fp"} == {str(out / "tiny-full")}
