@@ -1,4 +1,9 @@
-"""ONNX Runtime backend: CPU here, CUDA when ``onnxruntime-gpu`` is installed."""
+"""ONNX Runtime backend: CPU here, CUDA when ``onnxruntime-gpu`` is installed.
+
+On CPU the model is loaded through :func:`qexport.backends.ort_rewrite.rewrite_for_ort`: ORT runs
+an equivalent, faster graph built in memory (bit-exact by construction; the file is untouched).
+``load(..., rewrite=False)`` or ``QEXPORT_ORT_REWRITE=0`` runs the file exactly as exported.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,10 @@ from qexport.errors import BackendError
 
 
 class ORTRunner(Runner):
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, rewrite_report: Any = None) -> None:
         self.session = session
+        #: what the load-time rewrites did (:class:`~qexport.backends.ort_rewrite.RewriteReport`), or None
+        self.rewrite_report = rewrite_report
         self.input_names = tuple(i.name for i in session.get_inputs())
         self.output_names = [o.name for o in session.get_outputs()]
 
@@ -47,8 +54,19 @@ class ORTBackend(Backend):
         tmp.replace(output)
         return Path(output)
 
-    def _session(self, model: Path, device: str, threads: int | None = None) -> Any:
+    def _session(self, model: Path, device: str, threads: int | None = None, rewrite: bool | None = None,
+                 ) -> Any:
+        return self._session_and_report(model, device, threads, rewrite)[0]
+
+    def _session_and_report(self, model: Path, device: str, threads: int | None = None,
+                            rewrite: bool | None = None) -> tuple[Any, Any]:
+        """The session, and the rewrite report (None when the file runs as exported).
+
+        ``rewrite``: None follows ``QEXPORT_ORT_REWRITE`` (on unless ``0``); rewrites are CPU-only.
+        """
         import onnxruntime as ort
+
+        from qexport.backends.ort_rewrite import RewriteOptions
 
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -64,9 +82,46 @@ class ORTBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         try:
-            return ort.InferenceSession(str(model), so, providers=providers)
+            opts = RewriteOptions.from_env()
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        if rewrite is False or device != "cpu":
+            opts = None
+        elif rewrite and opts is None:
+            opts = RewriteOptions()
+        source: str | bytes = str(model)
+        report = None
+        if opts is not None:
+            rewritten = self._rewrite(model, opts)
+            if rewritten is not None:
+                source, report = rewritten
+        try:
+            return ort.InferenceSession(source, so, providers=providers), report
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise BackendError(f"ONNX Runtime cannot load {model}: {str(exc).splitlines()[0]}") from None
 
+    @staticmethod
+    def _rewrite(model: Path, opts: Any) -> tuple[bytes, Any] | None:
+        """The rewritten model's bytes and report; None (run the file as is) when it is not ONNX
+        that onnx can read, or when a rewrite fails unexpectedly (a warning says so)."""
+        import warnings
+
+        import onnx
+
+        from qexport.backends.ort_rewrite import rewrite_for_ort
+
+        try:
+            proto = onnx.load(str(model))
+        except Exception:  # let ORT report what is wrong with the file
+            return None
+        try:
+            new, report = rewrite_for_ort(proto, opts)
+            return new.SerializeToString(), report
+        except Exception as exc:  # a bug in a rewrite must not make a valid model unloadable
+            warnings.warn(f"ORT rewrites skipped for {model}: {type(exc).__name__}: {exc}", stacklevel=3)
+            return None
+
     def _load_impl(self, artifact: Path, device: str, **options: Any) -> Runner:
-        return ORTRunner(self._session(artifact, device, options.get("threads")))
+        session, report = self._session_and_report(artifact, device, options.get("threads"),
+                                                   options.get("rewrite"))
+        return ORTRunner(session, report)

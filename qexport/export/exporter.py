@@ -259,7 +259,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-        functions=function_protos(used),
+        functions=function_protos(used, opset),
         producer_name="qexport",
     )
     model.ir_version = 10

@@ -26,7 +26,8 @@ from qexport.ops.kernels import ISQRT_ITERS_32, LN_G, LN_IN_MAX, SCORE_MAX
 
 DOMAIN = "qexport"
 DOMAIN_VERSION = 1
-#: ai.onnx opset of the function bodies (ReduceMax/ReduceSum take ``axes`` as an input from 18).
+#: ai.onnx opset of the function bodies (ReduceMax/ReduceSum take ``axes`` as an input from 18); a
+#: model that imports a newer opset gets bodies importing the same one (ONNX requires them to match).
 BODY_OPSET = 18
 
 
@@ -78,10 +79,11 @@ class Body:
         return self.op(op, x, self.const([-1], dtype=np.int64), keepdims=1)
 
 
-def _function(name: str, inputs: list[str], outputs: list[str], body: Body, doc: str) -> onnx.FunctionProto:
+def _function(name: str, inputs: list[str], outputs: list[str], body: Body, doc: str,
+              opset: int = BODY_OPSET) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, name, inputs, outputs, body.nodes,
-        opset_imports=[helper.make_opsetid("", BODY_OPSET)], doc_string=doc,
+        opset_imports=[helper.make_opsetid("", opset)], doc_string=doc,
     )
 
 
@@ -203,13 +205,16 @@ _DOCS = {
 }
 
 
-def function_protos(names: Sequence[str] | None = None) -> list[onnx.FunctionProto]:
-    """The FunctionProtos of the qexport domain (all, or those named)."""
+def function_protos(names: Sequence[str] | None = None, opset: int = BODY_OPSET) -> list[onnx.FunctionProto]:
+    """The FunctionProtos of the qexport domain (all, or those named), their bodies importing ai.onnx
+    ``opset`` (the calling model's: >= 18; the body ops mean the same in every opset from 18 on)."""
+    if opset < BODY_OPSET:
+        raise ValueError(f"qexport function bodies need ai.onnx opset >= {BODY_OPSET}, got {opset}")
     out = []
     for name in names or SIGNATURES:
         ins = SIGNATURES[name]
         b = Body(prefix="t_")
         res = _BODIES[name](b, *ins)
         b.nodes.append(helper.make_node("Identity", [res], ["y"]))
-        out.append(_function(name, ins, ["y"], b, _DOCS[name]))
+        out.append(_function(name, ins, ["y"], b, _DOCS[name], opset))
     return out

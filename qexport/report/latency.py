@@ -326,7 +326,8 @@ def _prepare(spec: RowSpec, ctx: _Context, n_shapes: int) -> _Prepared:
             return _Prepared(
                 lambda: _RowRuntime(be.load(path, dev, **opts)),
                 path,
-                ["qexport integer ONNX, functions form, MatMulInteger linears"],
+                ["qexport integer ONNX, functions form, MatMulInteger linears"
+                 + ("; run through the ORT backend's bit-exact load-time rewrites" if dev == "cpu" else "")],
             )
         from qexport.report.baselines import OrtRunner
 
