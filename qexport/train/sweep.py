@@ -104,6 +104,26 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
     return f"# Sweep\n\nMetric: {name} (%), on each recipe's test split.\n\n{head}" + "\n".join(lines) + "\n"
 
 
+def _scatter(rows: list[dict[str, Any]], key: str, scale: float, xlabel: str, title: str, path: Path) -> Path:
+    """Metric against ``row[key] * scale``, one labelled point per recipe."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in rows:
+        if not r.get(key) or r["metric"] is None:
+            continue
+        x = r[key] * scale
+        ax.scatter([x], [r["metric"]])
+        ax.annotate(r["recipe"], (x, r["metric"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("metric (%)")
+    ax.set_title(title)
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """The seeds' two plots: metric per combination (bar) and training time vs metric (scatter)."""
     import matplotlib
@@ -129,40 +149,10 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     finally:
         plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if r["train_time_s"] is None or r["metric"] is None:
-            continue
-        ax.scatter([r["train_time_s"]], [r["metric"]])
-        ax.annotate(
-            r["preset"],
-            (r["train_time_s"], r["metric"]),
-            fontsize=8,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("metric (%)")
-    ax.set_title("Training time vs accuracy")
-    try:
-        paths.append(save_figure(fig, out_dir / "time_vs_accuracy.png"))
-    finally:
-        plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        if not r.get("size_bytes") or r["metric"] is None:
-            continue
-        ax.scatter([r["size_bytes"] / 1e6], [r["metric"]])
-        ax.annotate(r["recipe"], (r["size_bytes"] / 1e6, r["metric"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("integer checkpoint size (MB)")
-    ax.set_ylabel("metric (%)")
-    ax.set_title("Size vs accuracy")
-    try:
-        paths.append(save_figure(fig, out_dir / "size_vs_accuracy.png"))
-    finally:
-        plt.close(fig)
+    paths.append(_scatter(rows, "train_time_s", 1.0, "training time (s)", "Training time vs accuracy",
+                          out_dir / "time_vs_accuracy.png"))
+    paths.append(_scatter(rows, "size_bytes", 1e-6, "integer checkpoint size (MB)", "Size vs accuracy",
+                          out_dir / "size_vs_accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in rows:
