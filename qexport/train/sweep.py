@@ -143,7 +143,15 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"{rows[0]['metric_name'] if rows else 'metric'} (%)")
     ax.set_title("Accuracy per combination")
-    ax.legend()
+    # zoom on the range the values span (differences of a point are the story, not 0-100)
+    vals = [v for v in fp + integer if v == v and v > 0]
+    if vals:
+        lo, hi = min(vals), max(vals)
+        ax.set_ylim(max(0.0, lo - max(2.0, 0.5 * (hi - lo))), min(100.0, hi + max(1.0, 0.3 * (hi - lo))))
+        for x, v in zip(xs, integer, strict=True):
+            if v == v:
+                ax.annotate(f"{v:.2f}", (x + 0.2, v), ha="center", va="bottom", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     try:
         paths.append(save_figure(fig, out_dir / "accuracy.png"))
     finally:
