@@ -26,7 +26,7 @@ GPU schedules can use int8 tensor cores (WMMA m16n16k16, int32 accumulation). Al
 go through TVM's ONNX frontend unchanged. Integer division by zero kills the process
 (SIGFPE): the graph contract requires guarded divisors.
 
-Known TVM 0.27.0.post1 problems handled here (see /work/team/tvm_notes.md):
+Known TVM 0.27.0.post1 problems handled here:
 
 * ``Schedule.tensorize`` deep-copies the intrinsic through ``ffi::ToJSONGraph``, which
   segfaults when apache-tvm-ffi is 0.1.15.x (ABI mismatch; works with 0.1.14.post0). We probe
