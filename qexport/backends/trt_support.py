@@ -64,8 +64,6 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, numpy_helper
 
-from qexport.errors import BackendError
-
 __all__ = [
     "DOC_SOURCE",
     "OPSET_RANGE",
@@ -678,11 +676,12 @@ def _check_qdq(node: onnx.NodeProto, info: _GraphInfo, add: _Add) -> None:
 
 def check_onnx_file(path: str | Path) -> list[Finding]:
     """Load an ONNX file (with external data, if any) and return :func:`check_graph`'s findings."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    from qexport.backends.base import read_onnx
+
     path = Path(path)
-    if not path.is_file():
-        raise BackendError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf decode errors vary
-        raise BackendError(f"cannot read ONNX model {path}: {exc}") from exc
+    model = read_onnx(path)  # BackendError when missing or not ONNX
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        load_external_data_for_model(model, str(path.parent))
     return check_graph(model)
