@@ -129,17 +129,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_weights_file(path: Path, manifest: dict[str, Any], verify_hash: bool = True) -> Path:
+    """``model.safetensors`` of a checkpoint, checked against the byte count and sha256 its
+    manifest records; :class:`~qexport.errors.CheckpointError` when it is missing, truncated or
+    altered. Returns the file's path."""
+    wf = Path(path) / WEIGHTS
+    if not wf.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    expected = manifest.get("file_bytes")
+    actual = wf.stat().st_size
+    if expected is not None and actual != int(expected):
+        raise CheckpointError(
+            f"corrupt checkpoint: {wf} has {actual} bytes, its manifest records {int(expected)} "
+            "(truncated or altered)"
+        )
+    if verify_hash and manifest.get("sha256"):
+        h = hashlib.sha256()
+        with open(wf, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != manifest["sha256"]:
+            raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
+    return wf
+
+
 def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a checkpoint: ``(tensors, manifest)``; CheckpointError on any damage."""
     path = Path(path)
     manifest = read_manifest(path)
-    wf = path / WEIGHTS
-    if not wf.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
-    if verify_hash and manifest.get("sha256") and (
-        hashlib.sha256(wf.read_bytes()).hexdigest() != manifest["sha256"]
-    ):
-        raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
+    wf = check_weights_file(path, manifest, verify_hash=verify_hash)
     try:
         tensors = load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as exc:
