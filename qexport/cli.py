@@ -139,12 +139,15 @@ def ort(
     device: str = "cpu",
     batch_size: int = 32,
     max_length: int = 128,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer directory (default: the one the ONNX file records)")
+    ] = None,
 ) -> None:
     """Run an ONNX model with ONNX Runtime on a data set: predictions and accuracy."""
-    from qexport.export.verify import run_backend_on_data
+    from qexport.verify import run_on_data
 
-    res = run_backend_on_data("ort", model, data, split=split, limit=limit, device=device,
-                              batch_size=batch_size, max_length=max_length)
+    res = run_on_data("ort", model, data, split=split, limit=limit, device=device,
+                      batch_size=batch_size, max_length=max_length, tokenizer_dir=tokenizer)
     _echo_json(res)
 
 
@@ -211,7 +214,7 @@ def verify(
 ) -> None:
     """Bit-exact parity of a backend against the integer reference; exit 1 on any mismatch."""
     from qexport.errors import ParityError
-    from qexport.export.verify import verify as run_verify
+    from qexport.verify import verify as run_verify
 
     res = run_verify(checkpoint, backend, model, data, split=split, limit=limit, batch_size=batch_size,
                      max_length=max_length, device=device, out_dir=output or checkpoint)

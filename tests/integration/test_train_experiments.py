@@ -18,10 +18,10 @@ import torch
 
 from qexport.config import validate_recipe
 from qexport.export.exporter import export_onnx
-from qexport.export.verify import verify
 from qexport.quant.checkpoint import load_checkpoint
 from qexport.quant.packing import unpack
 from qexport.train.trainer import build_model, quant_controller, train
+from qexport.verify import verify
 from tests.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
 
 
