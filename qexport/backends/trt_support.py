@@ -41,9 +41,9 @@ Integer division semantics
 The parser maps ONNX ``Div`` to ``ElementWiseOperation.DIV`` (``elementwiseHelper(...,
 kDIV)``); ``FLOOR_DIV`` ("Floor division of the first element by the second") is a
 separate operation that the ONNX parser uses only inside ``Mod`` with ``fmod=0``. For
-INT32/INT64, ``DIV`` rounds toward zero (C semantics, -11 / 3 == -3), as reported by an
-NVIDIA engineer in onnx/onnx#4016 ("ONNX runtime and TensorRT (kDiv) are defaulting to
-rounding towards zero"); Python/numpy floor division gives -4. The qexport contract uses
+INT32/INT64, ``DIV`` rounds toward zero (C semantics, -11 / 3 == -3), as stated in
+onnx/onnx#4016 ("ONNX runtime and TensorRT (kDiv) are defaulting to rounding towards
+zero"); Python/numpy floor division gives -4. The qexport contract uses
 Div only with non-negative dividends and positive divisors, where truncation equals
 floor, so results do not depend on this choice.
 
