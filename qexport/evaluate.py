@@ -154,6 +154,7 @@ def evaluate_many(
     limit: int | None = None,
     batch_size: int = 32,
     max_length: int = 128,
+    on_batch: Callable[[int], None] | None = None,
     on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
 ) -> dict[str, Evaluation]:
     """:func:`evaluate` for several predictors on the same batches (the split is tokenized once).
@@ -163,7 +164,7 @@ def evaluate_many(
     batches = iter_batches(
         task_spec, tokenizer, split, limit=limit, batch_size=batch_size, max_length=max_length
     )
-    return score_many(predictors, batches, task_spec, split, on_outputs=on_outputs)
+    return score_many(predictors, batches, task_spec, split, on_batch=on_batch, on_outputs=on_outputs)
 
 
 def score(

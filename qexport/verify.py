@@ -11,7 +11,7 @@ split (predictions and metric) with the tokenizer the model was trained with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,11 @@ def verify(
     max_length: int = 128,
     device: str = "cpu",
     out_dir: Path | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Compare ``logits_int`` of ``backend`` with the integer reference; returns the parity report."""
+    """Compare ``logits_int`` of ``backend`` with the integer reference; returns the parity report.
+
+    ``on_batch(n)`` is called after each batch with its row count (progress bars)."""
     from qexport.models.integer import IntegerModel
 
     checkpoint = Path(checkpoint)
@@ -124,7 +127,8 @@ def verify(
 
     evs = evaluate_many(
         {"reference": reference_predictor(ref), "backend": runner_predictor(runner, "logits_int")},
-        data, tok, split, limit=limit, batch_size=batch_size, max_length=max_length, on_outputs=compare,
+        data, tok, split, limit=limit, batch_size=batch_size, max_length=max_length,
+        on_batch=on_batch, on_outputs=compare,
     )
     ref_ev, be_ev = evs["reference"], evs["backend"]
     n = ref_ev.examples

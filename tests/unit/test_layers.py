@@ -2,11 +2,13 @@
 
     ops <- quant <- models <- train / export <- backends <- verify <- report <- demo / cli
 
-``qexport`` (the package root), ``errors``, ``io``, ``config``, ``data`` and ``evaluate`` (the one
-loop over a task split: it imports only ``data`` and ``errors`` and runs any predictor it is given)
-are base layers: any stage may import them, and they import only each other. Every ``import`` and
-``from ... import`` in every module is checked, those inside functions included (they are how
-heavy or optional modules load lazily, and they are dependencies all the same).
+``errors``, ``io``, ``config``, ``data`` and ``evaluate`` (the one loop over a task split: it
+imports only ``data`` and ``errors`` and runs any predictor it is given) are base layers: any
+stage may import them, and they import only each other. The package root ``qexport/__init__.py``
+is the public face: the stages may import it (for ``__version__``) and it may name any stage.
+Every ``import`` and ``from ... import`` in every module is checked, those inside functions
+included (they are how heavy or optional modules load lazily, and they are dependencies all
+the same).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def violations(root: Path = PACKAGE) -> list[str]:
     bad: list[str] = []
     for path in sorted(root.rglob("*.py")):
         me = _module_name(path, root)
-        mine = STAGES[_stage(me)]
+        mine = STAGES[_stage(me)] if me != "qexport" else max(STAGES.values())
         for line, mod in _imports(path, root):
             theirs = STAGES[_stage(mod)]
             if theirs > mine:
