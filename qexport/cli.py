@@ -8,6 +8,7 @@ line on stderr and its exit code (2 for bad input, 1 for a failed parity check).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -138,12 +139,15 @@ def ort(
     device: str = "cpu",
     batch_size: int = 32,
     max_length: int = 128,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer directory (default: the one the ONNX file records)")
+    ] = None,
 ) -> None:
     """Run an ONNX model with ONNX Runtime on a data set: predictions and accuracy."""
-    from qexport.export.verify import run_backend_on_data
+    from qexport.verify import run_on_data
 
-    res = run_backend_on_data("ort", model, data, split=split, limit=limit, device=device,
-                              batch_size=batch_size, max_length=max_length)
+    res = run_on_data("ort", model, data, split=split, limit=limit, device=device,
+                      batch_size=batch_size, max_length=max_length, tokenizer_dir=tokenizer)
     _echo_json(res)
 
 
@@ -210,7 +214,7 @@ def verify(
 ) -> None:
     """Bit-exact parity of a backend against the integer reference; exit 1 on any mismatch."""
     from qexport.errors import ParityError
-    from qexport.export.verify import verify as run_verify
+    from qexport.verify import verify as run_verify
 
     res = run_verify(checkpoint, backend, model, data, split=split, limit=limit, batch_size=batch_size,
                      max_length=max_length, device=device, out_dir=output or checkpoint)
@@ -274,10 +278,39 @@ def demo(
     _echo_json(summary)
 
 
+def _usage_error_types() -> tuple[type[Exception], ...]:
+    """click's usage errors: typer >= 0.20 vendors click as ``typer._click``, older typers use click."""
+    import importlib
+
+    found: list[type[Exception]] = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(importlib.import_module(mod).ClickException)
+    return tuple(found)
+
+
+def _usage_error(exc: Exception) -> int:
+    """A click usage error: the command's usage line (when known) and one ``error:`` line; exit 2."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare ``qexport``: the help
+        typer.echo(ctx.get_help(), err=True)
+        return 2
+    if ctx is not None:
+        typer.echo(ctx.get_usage(), err=True)
+    message = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+    typer.echo(f"error: {message}", err=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: QexportError -> one line on stderr + its exit code."""
+    """Console entry point: QexportError -> one line on stderr + its exit code.
+
+    A usage error (unknown command or option, missing argument, bad value) prints the usage
+    line and one ``error:`` line and exits 2, like any other bad input.
+    """
+    usage_errors = _usage_error_types()
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="qexport", standalone_mode=False)
         if isinstance(rc, int):  # typer.Exit(code) inside a command, with standalone_mode=False
             return rc
     except QexportError as exc:
@@ -291,13 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            typer.echo(f"error: {exc.format_message()}", err=True)
-            return 2
-        raise
+    except usage_errors as exc:
+        return _usage_error(exc)
     return 0
 
 

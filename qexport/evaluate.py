@@ -5,13 +5,19 @@ A *predictor* maps numpy feeds (``input_ids``, ``attention_mask``: int64 ``[batc
 ``[batch, classes]`` array; :func:`runner_predictor` makes one from any backend
 :class:`~qexport.backends.base.Runner`, :func:`reference_predictor` from the integer reference
 (:class:`~qexport.models.integer.IntegerModel`). :func:`iter_batches` tokenizes a split with the
-model's own tokenizer; :func:`evaluate` scores one predictor on it.
+model's own tokenizer; :func:`evaluate` scores one predictor on it, :func:`evaluate_many` several
+on the same batches (``verify``: the reference and a backend, compared batch by batch), and
+:func:`score` / :func:`score_many` do the same on batches tokenized beforehand (training's
+encoded splits).
+
+The module imports only the base layers (``qexport.data``, ``qexport.errors``): any stage may run
+its loop on a predictor of its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from qexport.errors import CheckpointError, DataError
 
 Feeds = dict[str, np.ndarray]
 Predictor = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+Batch = tuple[Mapping[str, np.ndarray], "list[int] | None", int]
 
 
 def load_tokenizer(checkpoint: Path) -> Any:
@@ -132,24 +139,86 @@ def evaluate(
 
     ``on_batch(n)`` is called after each batch with its row count (progress bars).
     """
+    batches = iter_batches(
+        task_spec, tokenizer, split, limit=limit, batch_size=batch_size, max_length=max_length
+    )
+    return score(predict, batches, task_spec, split, on_batch=on_batch)
+
+
+def evaluate_many(
+    predictors: Mapping[str, Predictor],
+    task_spec: str,
+    tokenizer: Any,
+    split: str = "test",
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    on_batch: Callable[[int], None] | None = None,
+    on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+) -> dict[str, Evaluation]:
+    """:func:`evaluate` for several predictors on the same batches (the split is tokenized once).
+
+    ``on_outputs({name: array})`` sees every predictor's raw output of each batch (a parity check).
+    """
+    batches = iter_batches(
+        task_spec, tokenizer, split, limit=limit, batch_size=batch_size, max_length=max_length
+    )
+    return score_many(predictors, batches, task_spec, split, on_batch=on_batch, on_outputs=on_outputs)
+
+
+def score(
+    predict: Predictor,
+    batches: Iterable[Batch],
+    task: Any,
+    split: str = "test",
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """:func:`evaluate` on batches tokenized beforehand: ``(feeds, labels or None, truncated)``.
+
+    ``task`` is a task spec or a :class:`~qexport.data.base.Task` (its metric scores the split).
+    """
+    return score_many({"model": predict}, batches, task, split, on_batch=on_batch)["model"]
+
+
+def score_many(
+    predictors: Mapping[str, Predictor],
+    batches: Iterable[Batch],
+    task: Any,
+    split: str = "test",
+    *,
+    on_batch: Callable[[int], None] | None = None,
+    on_outputs: Callable[[Mapping[str, np.ndarray]], None] | None = None,
+) -> dict[str, Evaluation]:
+    """The loop: every predictor on every batch, argmax predictions, then the task's metric."""
     from qexport.data import get_task
 
-    ev = Evaluation(task=task_spec, split=split)
+    task_obj = get_task(task) if isinstance(task, str) else task
+    name = task if isinstance(task, str) else str(task_obj.name)
+    evs = {key: Evaluation(task=name, split=split) for key in predictors}
+    labels: list[int] = []
+    truncated = 0
     all_labelled = True
     t0 = time.perf_counter()
-    for feeds, labels, truncated in iter_batches(
-        task_spec, tokenizer, split, limit=limit, batch_size=batch_size, max_length=max_length
-    ):
-        logits = predict(feeds)
-        ev.preds += np.asarray(logits).argmax(-1).tolist()
-        ev.truncated += truncated
-        if labels is None:
+    for feeds, batch_labels, batch_truncated in batches:
+        outputs = {key: np.asarray(predict(feeds)) for key, predict in predictors.items()}
+        for key, out in outputs.items():
+            evs[key].preds += out.argmax(-1).tolist()
+        if on_outputs is not None:
+            on_outputs(outputs)
+        truncated += batch_truncated
+        if batch_labels is None:
             all_labelled = False
         else:
-            ev.labels += labels
+            labels += batch_labels
         if on_batch is not None:
             on_batch(len(feeds["input_ids"]))
-    ev.seconds = time.perf_counter() - t0
-    if all_labelled and len(ev.labels) == len(ev.preds):
-        ev.metric = dict(get_task(task_spec).compute_metric(ev.preds, ev.labels))
-    return ev
+    seconds = time.perf_counter() - t0
+    for ev in evs.values():
+        ev.labels = list(labels)
+        ev.truncated = truncated
+        ev.seconds = seconds
+        if all_labelled and len(ev.labels) == len(ev.preds):
+            ev.metric = dict(task_obj.compute_metric(ev.preds, ev.labels))
+    return evs

@@ -67,8 +67,7 @@ class Backend(abc.ABC):
 
     def compile(self, model: Path, output: Path | None = None, **options: Any) -> Path:
         model = Path(model)
-        if not model.is_file():
-            raise BackendError(f"ONNX model not found: {model}")
+        read_onnx(model)  # a missing or non-ONNX file: one BackendError line, whatever the backend
         self.require()
         return self._compile_impl(model, None if output is None else Path(output), **options)
 
@@ -86,6 +85,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def _load_impl(self, artifact: Path, device: str, **options: Any) -> Runner: ...
+
+
+def read_onnx(path: Path) -> Any:
+    """The ``onnx.ModelProto`` in ``path`` (external data not loaded).
+
+    Raises :class:`~qexport.errors.BackendError` (one line) when the file is missing or is not
+    an ONNX model: protobuf decodes some junk (an empty file, a few stray bytes) as an empty
+    message, so a model without an IR version or graph outputs is refused too.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise BackendError(f"ONNX model not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors: they vary by version
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BackendError(f"{path} is not an ONNX model: {first}") from None
+    if proto.ir_version <= 0 or not proto.graph.output:
+        raise BackendError(f"{path} is not an ONNX model: no IR version or no graph outputs")
+    return proto
 
 
 def get_backend(name: str) -> Backend:

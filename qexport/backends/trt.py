@@ -33,14 +33,13 @@ Type checking: the first two lines switch this module to strict-mode flags. The
 ``tensorrt_bindings/*.pyi`` without a ``py.typed`` marker, and its ``tensorrt_bindings/tensorrt.pyi``
 does not parse (parameters named ``in``; a non-default parameter after defaults) and declares
 a module-level ``bool: DataType`` that shadows the builtin in every ``-> bool``. So mypy
-ignores the stubs unless they are copied, fixed, into a ``mypy_path`` directory; see the
-TensorRT engineer's report for the script and the ``[tool.mypy]`` settings.
+ignores the stubs unless they are copied, fixed, into a ``mypy_path`` directory:
+``tools/patch_trt_stubs.py`` does that (``make venv`` runs it), and ``[tool.mypy]`` in
+``pyproject.toml`` points ``mypy_path`` there.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -54,6 +53,7 @@ import onnx
 from qexport.backends.base import Backend, Runner
 from qexport.backends.trt_support import Finding, check_onnx_file, errors_only, format_findings
 from qexport.errors import BackendError
+from qexport.io import atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -156,17 +156,6 @@ def _input_profiles(
     if unknown:
         raise BackendError(f"--shapes names {unknown} match no dynamic input dimension of the model")
     return profiles
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _gpu_name() -> str | None:
@@ -318,9 +307,9 @@ class TRTBackend(Backend):
                 f"TensorRT failed to build an engine from {model} (see the TensorRT log above)"
             )
         plan = bytes(memoryview(serialized))
-        _atomic_write(out, plan)
+        atomic_write_bytes(out, plan)
         if timing_cache is not None:
-            _atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+            atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
         sidecar = {
             "backend": "trt",
@@ -337,7 +326,7 @@ class TRTBackend(Backend):
             "engine_bytes": len(plan),
             "lint_warnings": [str(f) for f in findings],
         }
-        _atomic_write(out.with_name(out.name + ".json"), (json.dumps(sidecar, indent=2) + "\n").encode())
+        atomic_write_json(out.with_name(out.name + ".json"), sidecar)
         return out
 
     def _load_impl(self, artifact: Path, device: str, **options: Any) -> Runner:

@@ -41,9 +41,9 @@ Integer division semantics
 The parser maps ONNX ``Div`` to ``ElementWiseOperation.DIV`` (``elementwiseHelper(...,
 kDIV)``); ``FLOOR_DIV`` ("Floor division of the first element by the second") is a
 separate operation that the ONNX parser uses only inside ``Mod`` with ``fmod=0``. For
-INT32/INT64, ``DIV`` rounds toward zero (C semantics, -11 / 3 == -3), as reported by an
-NVIDIA engineer in onnx/onnx#4016 ("ONNX runtime and TensorRT (kDiv) are defaulting to
-rounding towards zero"); Python/numpy floor division gives -4. The qexport contract uses
+INT32/INT64, ``DIV`` rounds toward zero (C semantics, -11 / 3 == -3), as stated in
+onnx/onnx#4016 ("ONNX runtime and TensorRT (kDiv) are defaulting to rounding towards
+zero"); Python/numpy floor division gives -4. The qexport contract uses
 Div only with non-negative dividends and positive divisors, where truncation equals
 floor, so results do not depend on this choice.
 
@@ -63,8 +63,6 @@ import numpy as np
 import onnx
 import onnx.inliner
 from onnx import TensorProto, numpy_helper
-
-from qexport.errors import BackendError
 
 __all__ = [
     "DOC_SOURCE",
@@ -678,11 +676,12 @@ def _check_qdq(node: onnx.NodeProto, info: _GraphInfo, add: _Add) -> None:
 
 def check_onnx_file(path: str | Path) -> list[Finding]:
     """Load an ONNX file (with external data, if any) and return :func:`check_graph`'s findings."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    from qexport.backends.base import read_onnx
+
     path = Path(path)
-    if not path.is_file():
-        raise BackendError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # protobuf decode errors vary
-        raise BackendError(f"cannot read ONNX model {path}: {exc}") from exc
+    model = read_onnx(path)  # BackendError when missing or not ONNX
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        load_external_data_for_model(model, str(path.parent))
     return check_graph(model)

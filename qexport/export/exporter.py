@@ -23,9 +23,7 @@ their packed bytes are what the checkpoint stores).
 
 from __future__ import annotations
 
-import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qexport.errors import ExportError
 from qexport.export.functions import DOMAIN, DOMAIN_VERSION, Body, function_protos
+from qexport.io import atomic_path
 from qexport.models.integer import IntegerModel
 from qexport.ops import kernels as K
 from qexport.ops.intmath import qmax
@@ -325,18 +324,25 @@ def export_onnx(
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    record_tokenizer(model, Path(checkpoint) / "tokenizer", out)
+    with atomic_path(out) as tmp:
         onnx.save_model(model, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
-def qdq_exact_bound(k: int) -> bool:
-    """Whether an int8 x int8 dot product of length ``k`` is always exact in float32."""
-    return 127 * 127 * k < 2**24 and math.isfinite(k)
+#: ``metadata_props`` key: the checkpoint's ``tokenizer/`` relative to the ONNX file's directory.
+TOKENIZER_PROP = "qexport.tokenizer"
+
+
+def record_tokenizer(model: onnx.ModelProto, tokenizer_dir: Path, out: Path) -> None:
+    """Record the checkpoint's ``tokenizer/`` in ``metadata_props`` (key ``qexport.tokenizer``),
+    relative to the ONNX file's directory, so a run on text tokenizes as the model was trained
+    (read back by ``qexport.verify.model_tokenizer``). Nothing is recorded without one."""
+    if not tokenizer_dir.is_dir():
+        return
+    rel = os.path.relpath(tokenizer_dir.resolve(), out.parent.resolve())
+    for prop in model.metadata_props:
+        if prop.key == TOKENIZER_PROP:
+            prop.value = rel
+            return
+    model.metadata_props.add(key=TOKENIZER_PROP, value=rel)

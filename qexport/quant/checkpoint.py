@@ -1,17 +1,15 @@
 """Integer checkpoints: ``model.safetensors`` + ``manifest.json`` (+ ``config.json``, ``tokenizer/``).
 
-Written to a temporary sibling directory and renamed into place, so a crash
-never leaves a half-written checkpoint where a good one was.
+Written to a temporary sibling directory and renamed into place
+(:func:`qexport.io.atomic_directory`), so a crash never leaves a half-written checkpoint where
+a good one was.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qexport.errors import CheckpointError
+from qexport.io import atomic_directory
 from qexport.quant.freeze import LINEARS, freeze
 
 WEIGHTS = "model.safetensors"
@@ -61,26 +60,6 @@ def byte_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
     return parts
 
 
-def atomic_dir(out_dir: Path) -> tuple[Path, Any]:
-    """A temp dir next to ``out_dir`` and a ``commit()`` that renames it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-
-    def commit() -> Path:
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        return out_dir
-
-    return tmp, commit
-
-
 def save_checkpoint(
     model: Any,
     out_dir: Path,
@@ -90,8 +69,7 @@ def save_checkpoint(
     """Freeze ``model`` and write an integer checkpoint directory atomically."""
     tensors, meta = freeze(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "qexport_tokenizer", None)
-    tmp, commit = atomic_dir(Path(out_dir))
-    try:
+    with atomic_directory(Path(out_dir)) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -107,10 +85,7 @@ def save_checkpoint(
             **(extra_manifest or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return commit()
+    return Path(out_dir)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -129,17 +104,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def check_weights_file(path: Path, manifest: dict[str, Any], verify_hash: bool = True) -> Path:
+    """``model.safetensors`` of a checkpoint, checked against the byte count and sha256 its
+    manifest records; :class:`~qexport.errors.CheckpointError` when it is missing, truncated or
+    altered. Returns the file's path."""
+    wf = Path(path) / WEIGHTS
+    if not wf.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
+    expected = manifest.get("file_bytes")
+    actual = wf.stat().st_size
+    if expected is not None and actual != int(expected):
+        raise CheckpointError(
+            f"corrupt checkpoint: {wf} has {actual} bytes, its manifest records {int(expected)} "
+            "(truncated or altered)"
+        )
+    if verify_hash and manifest.get("sha256"):
+        h = hashlib.sha256()
+        with open(wf, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != manifest["sha256"]:
+            raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
+    return wf
+
+
 def load_checkpoint(path: Path, verify_hash: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a checkpoint: ``(tensors, manifest)``; CheckpointError on any damage."""
     path = Path(path)
     manifest = read_manifest(path)
-    wf = path / WEIGHTS
-    if not wf.is_file():
-        raise CheckpointError(f"checkpoint {path} has no {WEIGHTS}")
-    if verify_hash and manifest.get("sha256") and (
-        hashlib.sha256(wf.read_bytes()).hexdigest() != manifest["sha256"]
-    ):
-        raise CheckpointError(f"corrupt checkpoint: {wf} does not match its manifest's sha256")
+    wf = check_weights_file(path, manifest, verify_hash=verify_hash)
     try:
         tensors = load_file(str(wf))
     except (SafetensorError, OSError, ValueError) as exc:

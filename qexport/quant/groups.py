@@ -235,9 +235,9 @@ def apply_weight_quantization(
       :func:`qexport.quant.quantize_model` if it is not already; every
       QuantLinear/QuantEmbedding becomes a pluggable one. Selected layers get
       the chosen quantizer; the others (``rest``) keep the I-BERT 8-bit min/max
-      (``"int8"``, bit-identical to the lead's modules) or train in float
-      (``"fp"``; they still export as 8-bit). Exportable once the integer
-      checkpoint honours ``int_weight()`` (see /work/team/quant_patch.md).
+      (``"int8"``, bit-identical to :mod:`qexport.quant.modules`) or train in float
+      (``"fp"``; they still export as 8-bit). The integer checkpoint stores each
+      layer's ``int_weight()`` (:func:`qexport.quant.freeze.freeze`).
     * research path (``preset="fp"`` on a float model, the seeds' setting):
       only the selected layers are replaced; everything else stays float;
       ``mode="fully"`` adds an input activation quantizer (``act_bits``) to them.

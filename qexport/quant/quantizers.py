@@ -17,8 +17,8 @@ All integer grids are symmetric (``[-qmax, qmax]``, ``qmax = 2**(bits-1) - 1``)
 like the rest of the integer graph, except :class:`LSQQuantizer` with
 ``symmetric=False`` (the LSQ paper's ``[-2**(b-1), 2**(b-1) - 1]``).
 The modules that use a quantizer are :class:`PluggableQuantLinear` and
-:class:`PluggableQuantEmbedding` (subclasses of the lead's QAT modules, so
-``freeze`` and ``dequantize_model`` still recognise them).
+:class:`PluggableQuantEmbedding` (subclasses of the QAT modules in :mod:`qexport.quant.modules`,
+so ``freeze`` and ``dequantize_model`` still recognise them).
 """
 
 from __future__ import annotations
@@ -515,8 +515,8 @@ class PluggableQuantLinear(QuantLinear):
 
     ``in_act`` (optional) quantizes the input (seed 002's "fully" mode on an
     otherwise float model). ``weight_bits`` / ``per_channel`` mirror the
-    quantizer's storage width and granularity. :meth:`int_weight` is what an
-    exporter should store (see /work/team/quant_patch.md).
+    quantizer's storage width and granularity. :meth:`int_weight` is what the
+    integer checkpoint stores (:func:`qexport.quant.freeze.freeze` calls it).
     """
 
     def __init__(

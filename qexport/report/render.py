@@ -9,11 +9,11 @@ Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qexport.io import atomic_path
 from qexport.report.size import PARTS
 
 MB = 1e6
@@ -244,9 +244,8 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return path
 
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qexport.quant.checkpoint import part_of, read_manifest
+from qexport.quant.checkpoint import check_weights_file, part_of, read_manifest
 
 PARTS = ("embeddings", "encoder_linears", "norms_and_biases", "scales", "classifier")
 
@@ -28,6 +28,7 @@ def param_counts(manifest: dict[str, Any]) -> dict[str, int]:
 def checkpoint_size(path: Path) -> dict[str, Any]:
     """Size report of an integer checkpoint directory (see ``qexport size``)."""
     manifest = read_manifest(Path(path))
+    check_weights_file(Path(path), manifest)  # the sizes below are the manifest's: check its file
     stored: dict[str, int] = {p: int(manifest["bytes"].get(p, 0)) for p in PARTS}
     params = param_counts(manifest)
     total = sum(stored.values())

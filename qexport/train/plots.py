@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from qexport.io import atomic_path
+
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a matplotlib figure atomically (:func:`qexport.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def plot_training_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:

@@ -4,16 +4,13 @@
 exactly: stage, step, data position (epoch, batch in epoch, sampler seed),
 model/optimizer/scheduler state dicts, the RNG states of python, numpy and
 torch (per rank under DDP), the best dev metric so far, the evaluation history
-and the step timings. It is written to a temporary file and ``os.replace``d
-into place, so a crash at any moment leaves the previous state intact.
+and the step timings. It is written atomically (:mod:`qexport.io`), so a crash
+at any moment leaves the previous state intact.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,44 +18,17 @@ import numpy as np
 import torch
 
 from qexport.errors import CheckpointError
+from qexport.io import atomic_path
 
 STATE_FILE = "train_state.pt"
 STATE_FORMAT = "qexport-train-state"
 STATE_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """``torch.save`` to ``path`` atomically (:func:`qexport.io.atomic_path`)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from qexport.config import load_recipe
+from qexport.io import atomic_write_json, atomic_write_text
 from qexport.train.plots import save_figure
-from qexport.train.state import atomic_write_bytes, atomic_write_json, load_state
+from qexport.train.state import load_state
 
 
 def _manifest_size(ckpt: Path) -> dict[str, Any]:
@@ -227,6 +228,6 @@ def run_sweep(recipes: list[Path], out_dir: Path, device: str | None = None) -> 
         rows.append(_row(path, run_dir, summary))
         atomic_write_json(out_dir / "sweep.json", rows)
     md = out_dir / "sweep.md"
-    atomic_write_bytes(md, sweep_markdown(rows).encode())
+    atomic_write_text(md, sweep_markdown(rows))
     plot_sweep(rows, out_dir)
     return md

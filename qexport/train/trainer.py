@@ -44,10 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qexport.config import Recipe, stage_has_work
-from qexport.errors import CheckpointError, ConfigError
+from qexport.errors import CheckpointError, ConfigError, DataError
+from qexport.io import atomic_directory, atomic_write_json
 from qexport.train.batches import EncodedSplit, EpochOrder, encode_split
 from qexport.train.state import (
-    atomic_write_json,
     load_state,
     rng_state,
     save_state,
@@ -261,33 +261,32 @@ def evaluate(
     return res
 
 
-@torch.no_grad()
 def evaluate_integer(ckpt: Path, split: EncodedSplit, task: Any, batch_size: int) -> dict[str, Any]:
-    """Metrics of the pure-integer reference model (:class:`qexport.models.integer.IntegerModel`)."""
+    """Metrics of the pure-integer reference model (:class:`qexport.models.integer.IntegerModel`),
+    through :func:`qexport.evaluate.score` on the encoded split."""
+    from qexport.evaluate import reference_predictor, score
     from qexport.models.integer import IntegerModel
 
     im = IntegerModel.from_checkpoint(ckpt)
-    preds: list[int] = []
-    for batch in split.sequential(batch_size):
-        preds.extend(im(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist())
-    res: dict[str, Any] = dict(task.compute_metric(preds, split.labels.tolist()))
-    res["n"] = len(preds)
+    batches = (
+        ({k: b[k].numpy() for k in ("input_ids", "attention_mask")}, b["labels"].tolist(), 0)
+        for b in split.sequential(batch_size)
+    )
+    ev = score(reference_predictor(im), batches, task)
+    if ev.metric is None:  # an encoded split always has labels
+        raise DataError(f"task {task.name}: the encoded split has no labels to score")
+    res: dict[str, Any] = dict(ev.metric)
+    res["n"] = ev.examples
     return res
 
 
 def save_hf_atomic(model: nn.Module, tokenizer: Any, out: Path) -> Path:
     """``save_pretrained`` (model + tokenizer) into a temp dir, renamed into place."""
-    from qexport.quant.checkpoint import atomic_dir
-
-    tmp, commit = atomic_dir(Path(out))
-    try:
+    with atomic_directory(Path(out)) as tmp:
         model.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Path(commit())
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -317,6 +316,18 @@ class StageResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StageResult:
         return cls(d["best_metric"], d["best_step"], d["steps"], list(d["step_times"]), d["train_time_s"])
+
+
+@dataclass
+class _Cursor:
+    """Where a stage's step loop stands: global step, epoch, batch in the epoch, and the train
+    loss summed since the last evaluation (saved with the state, so a resume continues it)."""
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
 
 
 class Run:
@@ -370,15 +381,58 @@ class Run:
         teacher: nn.Module | None,
         resume: dict[str, Any] | None,
     ) -> StageResult:
+        """One stage (FP or QAT): set up (or resume) the optimizer and the data position, then the
+        step loop with its evaluations and training-state saves."""
         assert self.data is not None
         rc = self.recipe.train
-        data = self.data
         model.to(self.device)
         if teacher is not None:
             teacher.to(self.device).eval()
-        order = EpochOrder(len(data.train), cfg.batch_size, rc.seed, self.dist.world_size, self.dist.rank)
-        per_epoch = order.batches_per_epoch
-        total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * per_epoch)
+        world, rank = self.dist.world_size, self.dist.rank
+        order = EpochOrder(len(self.data.train), cfg.batch_size, rc.seed, world, rank)
+        total = cfg.steps if cfg.steps is not None else math.ceil(cfg.epochs * order.batches_per_epoch)
+        optimizer, scheduler = self._optimizer(stage, model, cfg, total)
+        res, cur = self._start_or_resume(stage, model, optimizer, scheduler, resume, total)
+        ddp_model = self._distributed(model)
+        model.train()
+        ctrl = quant_controller(model, self.recipe, total) if stage == "qat" else None
+        kd, outputs = self._distiller(teacher)
+        eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+        self.console.log(
+            f"[{stage}] {total} steps, {order.batches_per_epoch} batches/epoch of {cfg.batch_size} "
+            f"x {self.dist.world_size} process(es), lr {cfg.lr:g}, device {self.device}"
+        )
+        batches = order.epoch(cur.epoch)
+        with self.console.progress() as bar:
+            task_id = bar.add_task(stage, total=total, completed=cur.step, loss=float("nan"), rate=0.0)
+            if total == 0 and cur.step == 0:  # calibration only (PTQ): evaluate and keep the model as is
+                self._evaluate(stage, model, 0, 0, float("nan"), eval_bs, res, save_best, ctrl)
+            while cur.step < total:
+                if ctrl is not None:
+                    ctrl.on_step(cur.step)
+                batch = _to(self.data.train.batch(batches[cur.pos]), self.device)
+                lv, dt = self._train_step(ddp_model, model, batch, optimizer, scheduler, teacher, kd, outputs)
+                res.step_times.append(dt)
+                res.train_time_s += dt
+                cur.step += 1
+                cur.pos += 1
+                if cur.pos >= len(batches):
+                    cur.epoch, cur.pos = cur.epoch + 1, 0
+                    batches = order.epoch(cur.epoch)
+                cur.loss_sum += lv
+                cur.loss_n += 1
+                bar.update(task_id, completed=cur.step, loss=lv, rate=1.0 / dt if dt > 0 else 0.0)
+                if cur.step % rc.eval_every == 0 or cur.step == total:
+                    loss = cur.loss_sum / max(cur.loss_n, 1)
+                    self._evaluate(stage, model, cur.step, cur.epoch, loss, eval_bs, res, save_best, ctrl)
+                    cur.loss_sum, cur.loss_n = 0.0, 0
+                if cur.step % rc.save_every == 0 or cur.step == total:
+                    self._save_stage(stage, cur, model, optimizer, scheduler, res)
+        self.dist.barrier()
+        return res
+
+    def _optimizer(self, stage: str, model: nn.Module, cfg: Any, total: int) -> tuple[Any, Any]:
+        """AdamW with linear warm-up and decay over ``total`` steps."""
         from transformers import get_linear_schedule_with_warmup
 
         if stage == "qat" and self.recipe.quant.weights is not None:
@@ -390,113 +444,92 @@ class Run:
             groups = param_groups(model, cfg.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-        res = StageResult(steps=total)
-        step = epoch = pos = 0
-        if resume is not None and resume.get("model") is not None:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            scheduler.load_state_dict(resume["scheduler"])
-            step, epoch, pos = resume["step"], resume["epoch"], resume["pos"]
-            if resume["sampler_seed"] != rc.seed:
-                raise CheckpointError("training state was written with another sampler seed")
-            res = StageResult.from_dict(resume["stage_result"])
-            loss_acc = tuple(resume["loss_acc"])
-            rngs = resume["rng"]
-            set_rng_state(rngs[self.dist.rank % len(rngs)])
-            self.console.log(f"[{stage}] resumed at step {step}/{total} (epoch {epoch}, batch {pos})")
-        else:
-            loss_acc = (0.0, 0)
-            seed_everything(rc.seed + 1000 * STAGE_INDEX[stage] + self.dist.rank)
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+        return optimizer, scheduler
 
-            ddp_model: nn.Module = DDP(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        else:
-            ddp_model = model
-        model.train()
-        ctrl = quant_controller(model, self.recipe, total) if stage == "qat" else None
-        kd = None
-        outputs: dict[str, bool] = {}
-        if teacher is not None:
-            from qexport.train.distill import DistillLoss
+    def _start_or_resume(
+        self, stage: str, model: nn.Module, optimizer: Any, scheduler: Any, resume: dict[str, Any] | None,
+        total: int,
+    ) -> tuple[StageResult, _Cursor]:
+        """A fresh stage (seeded) or the saved one: model, optimizer, scheduler, data position,
+        the stage's results so far, the pending loss average and this rank's RNG state."""
+        if resume is None or resume.get("model") is None:
+            seed_everything(self.recipe.train.seed + 1000 * STAGE_INDEX[stage] + self.dist.rank)
+            return StageResult(steps=total), _Cursor()
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if resume["sampler_seed"] != self.recipe.train.seed:
+            raise CheckpointError("training state was written with another sampler seed")
+        loss_sum, loss_n = resume["loss_acc"]
+        cur = _Cursor(resume["step"], resume["epoch"], resume["pos"], float(loss_sum), int(loss_n))
+        rngs = resume["rng"]
+        set_rng_state(rngs[self.dist.rank % len(rngs)])
+        self.console.log(f"[{stage}] resumed at step {cur.step}/{total} (epoch {cur.epoch}, batch {cur.pos})")
+        return StageResult.from_dict(resume["stage_result"]), cur
 
-            dc = self.recipe.distillation
-            kd = DistillLoss(
-                {"logits": dc.logits, "hidden": dc.hidden, "attention": dc.attention}, dc.temperature
-            )
-            outputs = kd.forward_kwargs()
-        eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
-        self.console.log(
-            f"[{stage}] {total} steps, {per_epoch} batches/epoch of {cfg.batch_size} "
-            f"x {self.dist.world_size} process(es), lr {cfg.lr:g}, device {self.device}"
-        )
-        batches = order.epoch(epoch)
-        loss_sum, loss_n = float(loss_acc[0]), int(loss_acc[1])
+    def _distributed(self, model: nn.Module) -> nn.Module:
+        """``model`` wrapped in DistributedDataParallel under DDP, else itself."""
+        if not self.dist.enabled:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _distiller(self, teacher: nn.Module | None) -> tuple[Any, dict[str, bool]]:
+        """The distillation loss and the extra outputs it needs (none without a teacher)."""
+        if teacher is None:
+            return None, {}
+        from qexport.train.distill import DistillLoss
+
+        dc = self.recipe.distillation
+        parts = {"logits": dc.logits, "hidden": dc.hidden, "attention": dc.attention}
+        kd = DistillLoss(parts, dc.temperature)
+        return kd, kd.forward_kwargs()
+
+    def _train_step(
+        self, ddp_model: nn.Module, model: nn.Module, batch: dict[str, torch.Tensor], optimizer: Any,
+        scheduler: Any, teacher: nn.Module | None, kd: Any, outputs: dict[str, bool],
+    ) -> tuple[float, float]:
+        """One optimizer step on ``batch``: ``(loss, seconds)`` (device work included)."""
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-        with self.console.progress() as bar:
-            task_id = bar.add_task(stage, total=total, completed=step, loss=float("nan"), rate=0.0)
-            if total == 0 and step == 0:  # calibration only (PTQ): evaluate and keep the model as is
-                self._evaluate(stage, model, 0, 0, float("nan"), eval_bs, res, save_best, ctrl)
-            while step < total:
-                if ctrl is not None:
-                    ctrl.on_step(step)
-                batch = _to(data.train.batch(batches[pos]), self.device)
-                sync()
-                t_start = time.perf_counter()
-                out = ddp_model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **outputs
-                )
-                loss = F.cross_entropy(out.logits.float(), batch["labels"])
-                if teacher is not None and kd is not None:
-                    with torch.no_grad():
-                        t_out = teacher(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **outputs
-                        )
-                    kd_loss, _ = kd(out, t_out, batch["labels"], batch["attention_mask"])
-                    loss = self.recipe.distillation.ce * loss + kd_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if rc.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                sync()
-                dt = time.perf_counter() - t_start
-                res.step_times.append(dt)
-                res.train_time_s += dt
-                step += 1
-                pos += 1
-                if pos >= len(batches):
-                    epoch, pos = epoch + 1, 0
-                    batches = order.epoch(epoch)
-                lv = float(loss.detach())
-                loss_sum += lv
-                loss_n += 1
-                bar.update(task_id, completed=step, loss=lv, rate=1.0 / dt if dt > 0 else 0.0)
-                if step % rc.eval_every == 0 or step == total:
-                    self._evaluate(
-                        stage, model, step, epoch, loss_sum / max(loss_n, 1), eval_bs, res, save_best, ctrl
-                    )
-                    loss_sum, loss_n = 0.0, 0
-                if step % rc.save_every == 0 or step == total:
-                    self.save(
-                        {
-                            "stage": stage,
-                            "step": step,
-                            "epoch": epoch,
-                            "pos": pos,
-                            "sampler_seed": rc.seed,
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "stage_result": res.to_dict(),
-                            "loss_acc": (loss_sum, loss_n),
-                        }
-                    )
-        self.dist.barrier()
-        return res
+        sync()
+        t_start = time.perf_counter()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        out = ddp_model(**inputs, **outputs)
+        loss = F.cross_entropy(out.logits.float(), batch["labels"])
+        if teacher is not None and kd is not None:
+            with torch.no_grad():
+                t_out = teacher(**inputs, **outputs)
+            kd_loss, _ = kd(out, t_out, batch["labels"], batch["attention_mask"])
+            loss = self.recipe.distillation.ce * loss + kd_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.recipe.train.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.recipe.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        sync()
+        dt = time.perf_counter() - t_start
+        return float(loss.detach()), dt
+
+    def _save_stage(
+        self, stage: str, cur: _Cursor, model: nn.Module, optimizer: Any, scheduler: Any, res: StageResult
+    ) -> None:
+        """The training state at the cursor (see :mod:`qexport.train.state`)."""
+        self.save(
+            {
+                "stage": stage,
+                "step": cur.step,
+                "epoch": cur.epoch,
+                "pos": cur.pos,
+                "sampler_seed": self.recipe.train.seed,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "stage_result": res.to_dict(),
+                "loss_acc": (cur.loss_sum, cur.loss_n),
+            }
+        )
 
     def _evaluate(
         self,
@@ -653,7 +686,6 @@ def _reuse_fp(run: Run, other: Path) -> bool:
     """Start ``run`` at its QAT stage from the finished FP stage of the run in ``other`` (same
     :func:`fp_stage_key`): its best FP model, step timings and history are copied, so the run is the
     one training it again would give (the FP stage is seeded and deterministic) without the time."""
-    import shutil
 
     from qexport.config import validate_recipe
 
@@ -663,11 +695,8 @@ def _reuse_fp(run: Run, other: Path) -> bool:
     if fp_stage_key(validate_recipe(st["recipe"])) != fp_stage_key(run.recipe):
         return False
     if run.dist.is_main:
-        tmp = run.out / ".fp.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(other / "fp", tmp)
-        shutil.rmtree(run.out / "fp", ignore_errors=True)
-        tmp.replace(run.out / "fp")
+        with atomic_directory(run.out / "fp") as tmp:
+            shutil.copytree(other / "fp", tmp, dirs_exist_ok=True)
     run.results["fp"] = StageResult.from_dict(st["results"]["fp"])
     run.history = [dict(h, reused_from=str(other)) for h in st["history"] if h.get("stage") == "fp"]
     run.wall_offset = max((float(h["wall_time"]) for h in run.history), default=0.0)

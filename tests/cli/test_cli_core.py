@@ -78,7 +78,7 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 
 def test_ptq_on_layer_groups(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     """Seed 004's PTQ: only the chosen groups get the low bit width, calibrated on real data."""
-    from qexport.train.tiny import make_tiny_model, make_tiny_task
+    from tests.tiny import make_tiny_model, make_tiny_task
 
     model = make_tiny_model(tmp_path / "model")
     task = make_tiny_task(tmp_path / "task.csv", n_train=64, n_dev=8, n_test=8)

@@ -20,9 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 from qexport.cli import main
 from qexport.data import encode, get_task
 from qexport.errors import ExportError
+from qexport.evaluate import load_tokenizer
 from qexport.export.exporter import export_onnx
-from qexport.export.verify import load_tokenizer, verify
 from qexport.models.integer import IntegerModel
+from qexport.verify import verify
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import torch
 
 from qexport.backends import get_backend
 from qexport.data import encode, get_task
+from qexport.evaluate import load_tokenizer
 from qexport.export.exporter import export_onnx
-from qexport.export.verify import load_tokenizer
 from qexport.models.integer import IntegerModel
 
 Cases = list[tuple[dict[str, np.ndarray], np.ndarray]]

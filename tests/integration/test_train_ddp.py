@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qexport.train.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
+from tests.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 """The seeds' experiments through the trainer: quantizers on layer groups, KD, CPT, latent, PTQ.
 
-Tiny model and data (qexport.train.tiny): each run takes about a second. What is asserted is
+Tiny model and data (tests/tiny.py): each run takes about a second. What is asserted is
 what the recipe promises: the selected groups hold integers of the chosen width in the checkpoint
 (everything else 8-bit), schedules change the quantizers during training and evaluation runs at the
 deployed precision, PACT's clip trains with its own learning rate, a calibration-only (PTQ) recipe
@@ -18,11 +18,11 @@ import torch
 
 from qexport.config import validate_recipe
 from qexport.export.exporter import export_onnx
-from qexport.export.verify import verify
 from qexport.quant.checkpoint import load_checkpoint
 from qexport.quant.packing import unpack
-from qexport.train.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
 from qexport.train.trainer import build_model, quant_controller, train
+from qexport.verify import verify
+from tests.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
 
 
 @pytest.fixture(scope="module")

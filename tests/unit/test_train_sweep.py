@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from qexport.train.sweep import run_sweep
-from qexport.train.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
+from tests.tiny import make_tiny_model, make_tiny_task, tiny_recipe_dict
 
 
 def test_tiny_sweep(tmp_path: Path) -> None:

@@ -256,7 +256,7 @@ def test_check_onnx_file_and_missing_file(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="not found"):
         check_onnx_file(tmp_path / "nope.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a protobuf\xff" * 3)
-    with pytest.raises(BackendError, match="cannot read ONNX"):
+    with pytest.raises(BackendError, match="is not an ONNX model"):
         check_onnx_file(tmp_path / "junk.onnx")
 
 
