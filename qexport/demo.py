@@ -46,11 +46,11 @@ def run_demo(out: Path, recipe: Path, overrides: list[str], parity_limit: int | 
     from qexport.backends import get_backend
     from qexport.config import load_recipe
     from qexport.export.exporter import export_onnx
-    from qexport.verify import verify
+    from qexport.io import atomic_write_json
     from qexport.report.latency import run_report
     from qexport.report.size import checkpoint_size
     from qexport.train import train
-    from qexport.io import atomic_write_json
+    from qexport.verify import verify
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
