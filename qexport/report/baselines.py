@@ -219,13 +219,14 @@ def dynamic_int8_onnx(src: Path, out: Path) -> Path:
 
 def dynamic_int8_accuracy(fp_model_dir: Path, task: str, split: str = "test", *, limit: int | None = None,
                           batch_size: int = 32, max_length: int = 128, threads: int | None = None,
-                          work_dir: Path | None = None) -> dict[str, Any]:
+                          work_dir: Path | None = None, keep_preds: int = 0) -> dict[str, Any]:
     """Metric of a fine-tuned FP model (an HF ``save_pretrained`` directory with its tokenizer, e.g.
     the trainer's ``fp/``) after ORT's transformer fusions and ``quantize_dynamic``, on a task split:
     the accuracy a CPU user gets from the usual INT8 route, to set beside qexport's integer model.
 
     Returns :meth:`qexport.evaluate.Evaluation.as_dict` plus ``model``: ``"ORT quantize_dynamic INT8"``.
-    ``work_dir`` keeps the ONNX files (default: a temporary directory)."""
+    ``work_dir`` keeps the ONNX files (default: a temporary directory); ``keep_preds``: also return
+    the first N predictions."""
     import tempfile
 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -250,4 +251,4 @@ def dynamic_int8_accuracy(fp_model_dir: Path, task: str, split: str = "test", *,
         tok = AutoTokenizer.from_pretrained(str(fp_model_dir))
         ev = evaluate(runner_predictor(runner, "logits"), task, tok, split, limit=limit,
                       batch_size=batch_size, max_length=max_length)
-    return {"model": "ORT quantize_dynamic INT8", **ev.as_dict()}
+    return {"model": "ORT quantize_dynamic INT8", **ev.as_dict(keep_preds)}
