@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,14 @@ def test_dynamic_int8_accuracy_matches_the_fp_model_it_quantizes(fp_model_dir: P
     model = AutoModelForSequenceClassification.from_pretrained(str(fp_model_dir)).eval()
     logits: list[np.ndarray] = []
 
-    def predict(feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def predict(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
         logits.append(out)
         return out
 
-    fp = evaluate(predict, "rt", AutoTokenizer.from_pretrained(str(fp_model_dir)), "test", limit=48, batch_size=16)
+    tok = AutoTokenizer.from_pretrained(str(fp_model_dir))
+    fp = evaluate(predict, "rt", tok, "test", limit=48, batch_size=16)
     margin = np.abs(np.diff(np.concatenate(logits), axis=-1)).reshape(-1)
     clear = margin > 1.0
     assert clear.sum() >= 10

@@ -142,8 +142,8 @@ def ort_cpu_files(int_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
     out = {}
     for policy in ("portable", "vnni"):
         path = tmp_path_factory.mktemp("ortcpu") / f"model.{policy}.onnx"
-        assert main(["onnx", str(int_checkpoint), "--form", "ort-cpu", "--linear", "integer", "--u8s8", policy,
-                     "-o", str(path)]) == 0
+        argv = ["onnx", str(int_checkpoint), "--form", "ort-cpu", "--linear", "integer", "--u8s8", policy]
+        assert main([*argv, "-o", str(path)]) == 0
         out[policy] = path
     return out
 
@@ -196,8 +196,9 @@ def test_backend_loads_the_saved_form_without_rewriting(
     feeds, ref = make_cases(int_checkpoint)[2]
     np.testing.assert_array_equal(runner.run(feeds)["logits_int"], ref)
     # compiling a saved file again copies it as it is
-    again = get_backend("ort").compile(ort_cpu_files["portable"], ort_cpu_files["portable"].with_name("b.onnx"))
-    assert again.read_bytes() == ort_cpu_files["portable"].read_bytes()
+    saved = ort_cpu_files["portable"]
+    again = get_backend("ort").compile(saved, saved.with_name("b.onnx"))
+    assert again.read_bytes() == saved.read_bytes()
 
 
 def test_vnni_file_is_refused_where_u8s8_is_not_exact(
