@@ -36,9 +36,15 @@ FLOAT_OPSET = 17
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """No Python warnings, and no root-logger warnings (onnxruntime.quantization logs through it)."""
+    previous = logging.root.manager.disable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def float_model(checkpoint: Path, attn: str = "sdpa", seed: int = 0) -> Any:
