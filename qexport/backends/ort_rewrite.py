@@ -57,6 +57,10 @@ replacements whose exactness is argued where they are made:
     ``Reshape``/``Transpose`` between a producer and a matmul move the 1-byte operand instead of
     int32 (the conversion runs before the layout op, which commutes with it).
 
+The value-range analysis these rewrites rely on (every "proven range" below) is
+:class:`qexport.backends.ort_ranges.GraphFacts`; the functions' constants are read back with
+:func:`qexport.export.constants.from_onnx_inputs`.
+
 The int8 conversions are modular, as ``Cast``: ``uint8(v + 128) == int8(v) xor 0x80`` for every
 int32 ``v``. ``QEXPORT_ORT_REWRITE=0`` switches everything off, a comma list (``matmul,lut``)
 keeps only the rewrites named; ``QEXPORT_ORT_U8S8=bounded`` forces the AVX2 rule (``full``: trust
@@ -90,12 +94,6 @@ LUT_MAX = 1 << 17
 #: ``vpmaddubsw`` (AVX2 u8 x s8) saturates a pair sum ``a0 b0 + a1 b1`` at this magnitude.
 INT16_MAX = 2**15 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-_NP_OF = NP_OF
-_TYPE_BOUNDS = INT_BOUNDS
-_INT_TYPES = INT_TYPES
-_LAYOUT_OPS = LAYOUT_OPS
-
 
 @dataclass(frozen=True)
 class RewriteOptions:
@@ -187,9 +185,6 @@ def exact_int8_gemms() -> frozenset[str]:
 
 
 # --------------------------------------------------------------------------- kernel constants
-
-
-_attr = attr
 
 
 @dataclass(frozen=True)
@@ -408,7 +403,7 @@ class _Rewriter(GraphFacts):
     def materialize(self, lut: _Lut, rep: str, out_dtype: int) -> str:
         t = lut.table
         if rep == "orig":
-            np_t, bounds = _NP_OF.get(out_dtype), _TYPE_BOUNDS.get(out_dtype)
+            np_t, bounds = NP_OF.get(out_dtype), INT_BOUNDS.get(out_dtype)
             if np_t is None or bounds is None or t.min() < bounds[0] or t.max() > bounds[1]:
                 raise ValueError("the table does not fit the value's integer dtype")
             arr = t.astype(np_t)
@@ -474,9 +469,9 @@ class _Rewriter(GraphFacts):
                     "i8": (((a + 128) % 256) - 128).astype(np.int8)}
             return self.init(conv[rep], "w")
         node = self.producer.get(name)
-        layout = node is not None and node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx")
+        layout = node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx")
         if ("bytes" in self.on and node is not None and layout and name == node.output[0]
-                and self.dtype(node.input[0]) in _INT_TYPES):
+                and self.dtype(node.input[0]) in INT_TYPES):
             ins = [self.val(node.input[0], rep)] + [self.val(i) if i else "" for i in node.input[1:]]
             return self.note("bytes", self._emit_copy(node, ins, hint=node.op_type.lower()))
         return self.convert(self.val(name), dt, rep)
@@ -487,7 +482,7 @@ class _Rewriter(GraphFacts):
             x = self.op("Cast", x, to=TensorProto.INT32)
             dt = TensorProto.INT32
         if rep == "u8s":
-            x = self.op("Add", x, self.init(np.asarray(128, dtype=_NP_OF[dt])))
+            x = self.op("Add", x, self.init(np.asarray(128, dtype=NP_OF[dt])))
             return self.op("Cast", x, to=TensorProto.UINT8)
         return self.op("Cast", x, to=TensorProto.INT8 if rep == "i8" else TensorProto.UINT8)
 
@@ -726,7 +721,7 @@ class _Rewriter(GraphFacts):
                 continue
             if mm.op_type == "MatMulInteger" and len(mm.input) == 2:
                 a, w = self._operand(mm.input[0], False), self._operand(mm.input[1], False)
-            elif mm.op_type == "Cast" and _attr(mm, "to") == TensorProto.INT32:
+            elif mm.op_type == "Cast" and attr(mm, "to") == TensorProto.INT32:
                 inner = self.producer.get(mm.input[0])
                 if inner is None or inner.op_type != "MatMul" or self.consumers[inner.output[0]] != 1:
                     continue
@@ -803,7 +798,7 @@ class _Rewriter(GraphFacts):
                 src = qn.input[0]
                 cn = self.producer.get(src)
                 # QuantizeLinear(Cast(v, float)) == v only when v is already an int8 value
-                if cn is not None and cn.op_type == "Cast" and self.dtype(cn.input[0]) in _INT_TYPES:
+                if cn is not None and cn.op_type == "Cast" and self.dtype(cn.input[0]) in INT_TYPES:
                     r = self.range(cn.input[0])
                     if r is not None and r[0] >= -128 and r[1] <= 127:
                         return cn.input[0], "s"
@@ -865,7 +860,7 @@ class _Rewriter(GraphFacts):
 
     def matmul_qdq(self, node: onnx.NodeProto) -> str | None:
         """``Cast(MatMul(DQ(a8), DQ(b8)), to=int32)`` with unit scales -> MatMulInteger."""
-        if _attr(node, "to") != TensorProto.INT32:
+        if attr(node, "to") != TensorProto.INT32:
             return None
         mm = self.producer.get(node.input[0])
         if mm is None or mm.op_type != "MatMul" or self.consumers[mm.output[0]] != 1:
