@@ -194,7 +194,8 @@ def ratios(ms: dict[str, float]) -> dict[str, float]:
 
 
 def markdown(results: list[dict[str, Any]], rows: list[str]) -> str:
-    rcols = sorted({k for r in results for k in r["ratios"]}, key=lambda c: (c.split(" / ")[1], c))
+    rcols = sorted({k for r in results for k in r["ratios"]},
+                   key=lambda c: (c.split(" / ")[1], not c.startswith("best")))
     head = ["model", "threads", "batch", "seq", *(f"{ROWS[r]} ms" for r in rows), *rcols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -206,8 +207,10 @@ def markdown(results: list[dict[str, Any]], rows: list[str]) -> str:
 
 
 def profile(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int = 5, top: int = 12,
-            ) -> list[tuple[str, float, float]]:
-    """ORT's profiler on the saved ORT-CPU form: ``(op type, share of kernel time, ms per run)``."""
+            ) -> dict[str, list[tuple[str, float, float]]]:
+    """ORT's profiler on the saved ORT-CPU form: ``(name, share of kernel time %, ms per run)`` by op
+    type (``ops``) and by the rewrite that emitted the node (``groups``: the node-name prefix,
+    e.g. ``Requant``, ``ISoftmax``, ``lut``; ``graph`` for nodes kept from the spec form)."""
     from qexport.backends.ort import make_session
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,12 +218,16 @@ def profile(model: Path, feeds: dict[str, np.ndarray], threads: int, runs: int =
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
-    by: collections.Counter[str] = collections.Counter()
+    ops: collections.Counter[str] = collections.Counter()
+    groups: collections.Counter[str] = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            by[e["args"]["op_name"]] += e["dur"]
-    total = sum(by.values()) or 1
-    return [(op, 100 * us / total, us / runs / 1000) for op, us in by.most_common(top)]
+            node = e["name"][: -len("_kernel_time")]
+            ops[e["args"]["op_name"]] += e["dur"]
+            groups[node.split("/")[0] if "/" in node else "graph"] += e["dur"]
+    total = sum(ops.values()) or 1
+    return {name: [(k, 100 * us / total, us / runs / 1000) for k, us in c.most_common(top)]
+            for name, c in (("ops", ops), ("groups", groups))}
 
 
 def main() -> None:
@@ -271,7 +278,7 @@ def main() -> None:
             b, s = max(args.batch), max(args.seq)
             t = min(args.threads)
             profiles[model] = {"batch": b, "seq": s, "threads": t,
-                               "ops": profile(Path(arts["ort-int8"]), feeds_for(b, s, vocab), t)}
+                               **profile(Path(arts["ort-int8"]), feeds_for(b, s, vocab), t)}
 
     import onnxruntime
 
@@ -280,9 +287,12 @@ def main() -> None:
     print(markdown(results, rows))
     for model, p in profiles.items():
         print(f"\nORT profile of {model}'s saved ORT-CPU form (batch {p['batch']}, seq {p['seq']}, "
-              f"{p['threads']} thread(s)), share of kernel time:")
-        for op, share, ms in p["ops"]:
-            print(f"  {op:<24}{share:6.1f}%  {ms:8.2f} ms/run")
+              f"{p['threads']} thread(s)), share of kernel time by op type and by rewrite:")
+        for (op, share, ms), grp in zip(p["ops"], p["groups"] + [None] * len(p["ops"]), strict=False):
+            line = f"  {op:<20}{share:6.1f}% {ms:8.2f} ms/run"
+            if grp is not None:
+                line += f"    {grp[0]:<14}{grp[1]:6.1f}% {grp[2]:8.2f} ms/run"
+            print(line)
     out = args.json or args.work / "cpu_latency.json"
     atomic_write_json(out, {"settings": {**vars(args), "u8s8": u8s8, "work": str(args.work),
                                          "json": str(out), "worker": None},

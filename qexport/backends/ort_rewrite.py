@@ -93,7 +93,6 @@ REWRITES = ("lut", "requant", "softmax", "layernorm", "matmul", "bytes")
 LUT_MAX = 1 << 17
 #: ``vpmaddubsw`` (AVX2 u8 x s8) saturates a pair sum ``a0 b0 + a1 b1`` at this magnitude.
 INT16_MAX = 2**15 - 1
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 @dataclass(frozen=True)
 class RewriteOptions:
