@@ -119,7 +119,8 @@ def onnx(
     output: Out = None,
     form: Annotated[str, typer.Option(
         help="functions (qexport ops), flat (ai.onnx only) or ort-cpu (ORT's CPU graph)")] = "functions",
-    linear: Annotated[str, typer.Option(help="qdq (TensorRT-compatible) or integer (MatMulInteger)")] = "qdq",
+    linear: Annotated[str | None, typer.Option(
+        help="qdq (TensorRT-compatible) or integer (MatMulInteger); default: qdq, ort-cpu: integer")] = None,
     opset: Annotated[int | None, typer.Option(help="ai.onnx opset")] = None,
     u8s8: Annotated[str | None, typer.Option(
         help="ort-cpu only: portable (exact on any x86 CPU, the default) or vnni (faster; exact only "
@@ -133,6 +134,7 @@ def onnx(
     if u8s8 is not None and form != "ort-cpu":
         raise ConfigError("--u8s8 applies to --form ort-cpu only")
     out = output or checkpoint / f"model.{form}.onnx"
+    linear = linear or ("integer" if form == "ort-cpu" else "qdq")
     if form == "ort-cpu":
         from qexport.backends.ort import export_ort_cpu
 
