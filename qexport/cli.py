@@ -118,15 +118,30 @@ def size(
 def onnx(
     checkpoint: Annotated[Path, typer.Argument(help="integer checkpoint directory")],
     output: Out = None,
-    form: Annotated[str, typer.Option(help="functions (qexport ops) or flat (ai.onnx only)")] = "functions",
-    linear: Annotated[str, typer.Option(help="qdq (TensorRT-compatible) or integer (MatMulInteger)")] = "qdq",
+    form: Annotated[str, typer.Option(
+        help="functions (qexport ops), flat (ai.onnx only) or ort-cpu (ORT's CPU graph)")] = "functions",
+    linear: Annotated[str | None, typer.Option(
+        help="qdq (TensorRT-compatible) or integer (MatMulInteger); default: qdq, ort-cpu: integer")] = None,
     opset: Annotated[int | None, typer.Option(help="ai.onnx opset")] = None,
+    u8s8: Annotated[str | None, typer.Option(
+        help="ort-cpu only: portable (exact on any x86 CPU, the default) or vnni (faster; exact only "
+             "on CPUs with VNNI/AMX, refused elsewhere)")] = None,
 ) -> None:
     """Export an integer checkpoint to integer ONNX."""
-    from qexport.export.exporter import export_onnx
+    from qexport.export.exporter import FORMS, export_onnx
 
+    if form not in (*FORMS, "ort-cpu"):
+        raise ConfigError(f"unknown form {form!r}: choose {', '.join(FORMS)} or ort-cpu")
+    if u8s8 is not None and form != "ort-cpu":
+        raise ConfigError("--u8s8 applies to --form ort-cpu only")
     out = output or checkpoint / f"model.{form}.onnx"
-    path = export_onnx(checkpoint, out, form=form, linear=linear, opset=opset)
+    linear = linear or ("integer" if form == "ort-cpu" else "qdq")
+    if form == "ort-cpu":
+        from qexport.backends.ort import export_ort_cpu
+
+        path = export_ort_cpu(checkpoint, out, u8s8=u8s8 or "portable", linear=linear, opset=opset)
+    else:
+        path = export_onnx(checkpoint, out, form=form, linear=linear, opset=opset)
     typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -57,6 +57,10 @@ replacements whose exactness is argued where they are made:
     ``Reshape``/``Transpose`` between a producer and a matmul move the 1-byte operand instead of
     int32 (the conversion runs before the layout op, which commutes with it).
 
+The value-range analysis these rewrites rely on (every "proven range" below) is
+:class:`qexport.backends.ort_ranges.GraphFacts`; the functions' constants are read back with
+:func:`qexport.export.constants.from_onnx_inputs`.
+
 The int8 conversions are modular, as ``Cast``: ``uint8(v + 128) == int8(v) xor 0x80`` for every
 int32 ``v``. ``QEXPORT_ORT_REWRITE=0`` switches everything off, a comma list (``matmul,lut``)
 keeps only the rewrites named; ``QEXPORT_ORT_U8S8=bounded`` forces the AVX2 rule (``full``: trust
@@ -78,34 +82,17 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from qexport.backends.ort_ranges import LAYOUT_OPS, GraphFacts, requant_schedule
+from qexport.export.constants import from_onnx_inputs
 from qexport.export.functions import DOMAIN
+from qexport.export.onnx_utils import INT_BOUNDS, INT_TYPES, NP_OF, Range, attr
 from qexport.ops import kernels as K
-from qexport.ops.intmath import POW2_MAX_EXP
 
 REWRITES = ("lut", "requant", "softmax", "layernorm", "matmul", "bytes")
 #: Largest table a ``lut`` rewrite builds (entries); i-GELU's 16-bit domain is 65,535.
 LUT_MAX = 1 << 17
 #: ``vpmaddubsw`` (AVX2 u8 x s8) saturates a pair sum ``a0 b0 + a1 b1`` at this magnitude.
 INT16_MAX = 2**15 - 1
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-Range = tuple[int, int]
-_NP_OF: dict[int, type[np.generic]] = {
-    TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-    TensorProto.INT32: np.int32, TensorProto.INT64: np.int64, TensorProto.FLOAT: np.float32,
-    TensorProto.DOUBLE: np.float64,
-}
-_TYPE_BOUNDS: dict[int, Range] = {
-    TensorProto.INT8: (-(2**7), 2**7 - 1), TensorProto.UINT8: (0, 2**8 - 1),
-    TensorProto.INT16: (-(2**15), 2**15 - 1), TensorProto.UINT16: (0, 2**16 - 1),
-    TensorProto.INT32: (-(2**31), 2**31 - 1), TensorProto.UINT32: (0, 2**32 - 1),
-    TensorProto.INT64: (-(2**63), 2**63 - 1),
-}
-_INT_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16,
-              TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64}
-#: Ops that only move elements: any elementwise conversion commutes with them (data = input 0).
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"}
-
 
 @dataclass(frozen=True)
 class RewriteOptions:
@@ -199,21 +186,6 @@ def exact_int8_gemms() -> frozenset[str]:
 # --------------------------------------------------------------------------- kernel constants
 
 
-def _log2_exact(v: int) -> int | None:
-    return v.bit_length() - 1 if v > 0 and v & (v - 1) == 0 else None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _ints(a: np.ndarray) -> list[int]:
-    return [int(x) for x in np.asarray(a).reshape(-1)]
-
-
 @dataclass(frozen=True)
 class _Requant:
     """The ``Requant`` function's constants, per channel (length 1: per tensor)."""
@@ -226,32 +198,12 @@ class _Requant:
 
     @classmethod
     def from_arrays(cls, arrs: Sequence[np.ndarray]) -> _Requant | None:
-        """From the 7 inputs after ``q`` (bound, half_pre, pow2_pre, m, half_post, pow2_post, qmax);
-        None unless they are the consistent int32 schedule of :class:`~qexport.ops.kernels.RequantParams`."""
-        if len(arrs) != 7 or any(a.dtype.kind not in "iu" for a in arrs) or np.asarray(arrs[6]).size != 1:
+        """From the 7 ``Requant`` inputs after ``q``; None unless they are a consistent int32
+        schedule (:func:`~qexport.backends.ort_ranges.requant_schedule`)."""
+        rq = requant_schedule(arrs)
+        if rq is None:
             return None
-        vecs = [_ints(a) for a in arrs[:6]]
-        c = max(len(v) for v in vecs)
-        if any(len(v) not in (1, c) for v in vecs) or any(np.asarray(a).ndim > 1 for a in arrs[:6]):
-            return None
-        bound, half_pre, pow2_pre, m, half_post, pow2_post = (v * c if len(v) == 1 else v for v in vecs)
-        pre = [_log2_exact(p) for p in pow2_pre]
-        post = [_log2_exact(p) for p in pow2_post]
-        qmax = int(np.asarray(arrs[6]).reshape(-1)[0])
-        if any(p is None for p in pre + post) or _log2_exact(qmax + 1) is None:
-            return None
-        pre_i = [int(p) for p in pre if p is not None]
-        post_i = [int(p) for p in post if p is not None]
-        if half_pre != [(1 << p) >> 1 for p in pre_i] or half_post != [(1 << p) >> 1 for p in post_i]:
-            return None
-        if min(bound) < 0 or min(m) <= 0 or qmax < 1:
-            return None
-        # every intermediate of the schedule inside int32 (what RequantParams guarantees)
-        for b, p, mm, q in zip(bound, pre_i, m, post_i, strict=True):
-            a = b + ((1 << p) >> 1)
-            if a > INT32_MAX or (a >> p) * mm + ((1 << q) >> 1) > INT32_MAX:
-                return None
-        return cls(tuple(bound), tuple(pre_i), tuple(m), tuple(post_i), qmax)
+        return cls(rq.bound, rq.pre, rq.m, rq.post, rq.qmax)
 
     @property
     def per_tensor(self) -> bool:
@@ -269,22 +221,6 @@ class _Requant:
         """The schedule for ``0 <= a <= bound`` before its final ``min(., qmax)``."""
         p, q = self.pre[c], self.post[c]
         return (((a + ((1 << p) >> 1)) >> p) * self.m[c] + ((1 << q) >> 1)) >> q
-
-
-def _exp_consts(arrs: Sequence[np.ndarray]) -> K.ExpConsts | None:
-    if len(arrs) != 5 or any(np.asarray(a).size != 1 or a.dtype.kind not in "iu" for a in arrs):
-        return None
-    pow2_pre, ln2, b, c, e = (int(np.asarray(a).reshape(-1)[0]) for a in arrs)
-    pre = _log2_exact(pow2_pre)
-    if pre is None or ln2 < 1 or b < 0 or c < 0 or not 0 <= e <= POW2_MAX_EXP:
-        return None
-    return K.ExpConsts(pre=pre, ln2=ln2, b=b, c=c, e=e)
-
-
-def _scalars(arrs: Sequence[np.ndarray], n: int) -> list[int] | None:
-    if len(arrs) != n or any(np.asarray(a).size != 1 or a.dtype.kind not in "iu" for a in arrs):
-        return None
-    return [int(np.asarray(a).reshape(-1)[0]) for a in arrs]
 
 
 def _table(fn: Callable[[torch.Tensor], torch.Tensor], values: np.ndarray) -> np.ndarray:
@@ -317,7 +253,7 @@ class _Lut:
 _Linear = tuple[onnx.NodeProto, tuple[str, str], np.ndarray, np.ndarray, _Requant]
 
 
-class _Rewriter:
+class _Rewriter(GraphFacts):
     """Demand-driven: ``val(name, rep)`` emits (once) what the new graph needs for one value.
 
     Representations of an integer value ``v``: ``orig`` (its dtype in the input graph), ``i8``
@@ -325,36 +261,20 @@ class _Rewriter:
     """
 
     def __init__(self, model: onnx.ModelProto, opts: RewriteOptions, u8s8_full: bool) -> None:
+        super().__init__(model, integer_matmuls="matmul" in opts.enabled)
         self.opts = opts
         self.on = opts.enabled
         self.u8s8_full = u8s8_full
         self.report = RewriteReport(u8s8_full=u8s8_full)
-        g = model.graph
-        self.graph = g
-        self.inits = {t.name: t for t in g.initializer}
-        self.inputs = {i.name for i in g.input}
-        self.producer: dict[str, onnx.NodeProto] = {o: n for n in g.node for o in n.output if o}
-        self.consumers: Counter[str] = Counter(i for n in g.node for i in n.input if i)
-        for o in g.output:
-            self.consumers[o.name] += 1
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model).graph
-            infos = [*inferred.value_info, *inferred.input, *inferred.output]
-        except Exception:  # inference is an aid (dtypes, K of a matmul); rewrites check what they need
-            infos = [*g.value_info, *g.input, *g.output]
-        self.vinfo = {v.name: v.type.tensor_type for v in infos if v.type.HasField("tensor_type")}
         self.nodes: list[onnx.NodeProto] = []
         self.new_inits: list[onnx.TensorProto] = []
         self.memo: dict[tuple[str, str], str] = {}
         self.emitted: set[int] = set()
-        self._const_cache: dict[str, np.ndarray | None] = {}
-        self._range_cache: dict[str, Range | None] = {}
         self._lut_cache: dict[str, _Lut | None] = {}
         self._shape_cache: dict[str, str] = {}
         self._init_cache: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
         self._n = 0
         self._float_values: set[str] = set()  # emitted float32 tensors that hold exact integers
-        self._new_dtypes: dict[str, int] = {}
         self._notes: list[tuple[str, str]] = []
         self._fusion: dict[str, list[_Linear]] | None = None
         self.group = "rw"  # node-name prefix: which rewrite emitted a node (ORT profiles show it)
@@ -398,8 +318,7 @@ class _Rewriter:
     def weight(self, arr: np.ndarray, hint: str) -> str:
         """A new constant that later rewrites can read back (``const``/``dtype``)."""
         name = self.init(arr, hint)
-        self._const_cache[name] = arr
-        self._new_dtypes[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
+        self.add_constant(name, arr)
         return name
 
     def i32(self, v: int | Sequence[int]) -> str:
@@ -407,208 +326,6 @@ class _Rewriter:
 
     def i64(self, v: int | Sequence[int]) -> str:
         return self.init(np.asarray(v, dtype=np.int64))
-
-    def dtype(self, name: str) -> int | None:
-        if name in self._new_dtypes:
-            return self._new_dtypes[name]
-        if name in self.inits:
-            return int(self.inits[name].data_type)
-        t = self.vinfo.get(name)
-        if t is not None and t.elem_type:
-            return int(t.elem_type)
-        node = self.producer.get(name)
-        if node is not None and node.domain == DOMAIN:
-            return TensorProto.INT32  # every qexport function is int32 -> int32
-        if node is not None and node.op_type == "Cast":
-            return int(_attr(node, "to"))  # type: ignore[call-overload]
-        return None
-
-    def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or Constant output (None if not constant)."""
-        if name in self._const_cache:
-            return self._const_cache[name]
-        arr: np.ndarray | None = None
-        if name in self.inits:
-            arr = numpy_helper.to_array(self.inits[name])
-        else:
-            node = self.producer.get(name)
-            if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                attrs = {a.name: a for a in node.attribute}
-                if "value" in attrs:
-                    arr = numpy_helper.to_array(attrs["value"].t)
-                elif "value_int" in attrs:
-                    arr = np.asarray(attrs["value_int"].i, dtype=np.int64)
-                elif "value_ints" in attrs:
-                    arr = np.asarray(list(attrs["value_ints"].ints), dtype=np.int64)
-        self._const_cache[name] = arr
-        return arr
-
-    def consts(self, names: Sequence[str]) -> list[np.ndarray] | None:
-        arrs = [self.const(n) for n in names]
-        return None if any(a is None for a in arrs) else [a for a in arrs if a is not None]
-
-    # ------------------------------------------------------------------ value ranges
-    def range(self, name: str) -> Range | None:
-        """Proven ``[lo, hi]`` of an integer (or integer-valued) tensor, or None."""
-        if name not in self._range_cache:
-            self._range_cache[name] = None  # cycles cannot occur in a DAG; guards re-entry anyway
-            self._range_cache[name] = self._range(name)
-        return self._range_cache[name]
-
-    def _range(self, name: str) -> Range | None:
-        r = self._range_raw(name)
-        dt = self.dtype(name) or -1
-        bounds = _TYPE_BOUNDS.get(dt)
-        if r is not None and bounds is not None and (r[0] < bounds[0] or r[1] > bounds[1]):
-            r = None  # the arithmetic may have wrapped: no claim
-        if r is None and dt in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16):
-            r = bounds  # a narrow integer type bounds its values by itself
-        return r
-
-    def _typed_range(self, name: str) -> Range | None:
-        """``range(name)``, or the whole range of its integer dtype."""
-        return self.range(name) or _TYPE_BOUNDS.get(self.dtype(name) or -1)
-
-    def _range_raw(self, name: str) -> Range | None:
-        arr = self.const(name)
-        if arr is not None:
-            if arr.size == 0 or arr.dtype.kind not in "iuf" or not np.all(np.isfinite(arr)):
-                return None
-            lo, hi = float(arr.min()), float(arr.max())
-            return (int(lo), int(hi)) if lo == int(lo) and hi == int(hi) else None
-        lut = self.lut(name)
-        if lut is not None:
-            return int(lut.table.min()), int(lut.table.max())
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        t, ins = node.op_type, list(node.input)
-        if node.domain == DOMAIN:
-            return self._fn_range(node)
-        if node.domain not in ("", "ai.onnx") or not ins:
-            return None
-        if t in _LAYOUT_OPS or t in ("Gather", "GatherElements"):
-            return self.range(ins[0])
-        if t == "Cast":
-            r0 = self.range(ins[0])
-            to = _attr(node, "to")
-            if r0 is None or not isinstance(to, int):
-                return None
-            if to in (TensorProto.FLOAT, TensorProto.DOUBLE):
-                return r0 if max(abs(r0[0]), abs(r0[1])) <= 2**24 else None
-            bounds = _TYPE_BOUNDS.get(to)
-            return r0 if bounds is not None and bounds[0] <= r0[0] and r0[1] <= bounds[1] else None
-        if t == "DequantizeLinear" and self._unit_qdq(ins[1:]):
-            return self.range(ins[0])
-        if t == "QuantizeLinear" and self._unit_qdq(ins[1:]):
-            r0 = self.range(ins[0])
-            return None if r0 is None else (min(max(r0[0], -128), 127), max(min(r0[1], 127), -128))
-        if t in ("Min", "Max", "Clip"):
-            inf = float("inf")
-            rs = [(self._typed_range(i) or (-inf, inf)) if i else None for i in ins]
-            lo, hi = rs[0]  # type: ignore[misc]
-            if t == "Min":
-                for x in rs[1:]:
-                    lo, hi = min(lo, x[0]), min(hi, x[1])  # type: ignore[index]
-            elif t == "Max":
-                for x in rs[1:]:
-                    lo, hi = max(lo, x[0]), max(hi, x[1])  # type: ignore[index]
-            else:
-                if len(rs) > 1 and rs[1] is not None:
-                    lo, hi = max(lo, rs[1][0]), max(hi, rs[1][0])
-                if len(rs) > 2 and rs[2] is not None:
-                    lo, hi = min(lo, rs[2][1]), min(hi, rs[2][1])
-            if not (np.isfinite(lo) and np.isfinite(hi)) or lo != int(lo) or hi != int(hi):
-                return None
-            return int(lo), int(hi)
-        a = self.range(ins[0])
-        if a is None:
-            return None
-        if t == "Abs":
-            return (0 if a[0] <= 0 <= a[1] else min(abs(a[0]), abs(a[1]))), max(abs(a[0]), abs(a[1]))
-        if t == "Neg":
-            return -a[1], -a[0]
-        if t == "Sign":
-            return (-1 if a[0] < 0 else 0 if a[0] == 0 else 1), (1 if a[1] > 0 else 0 if a[1] == 0 else -1)
-        if len(ins) < 2:
-            return None
-        b = self.range(ins[1])
-        if t in ("MatMulInteger", "MatMul") and len(ins) == 2 and b is not None:
-            kdim = self._inner_dim(ins[0])
-            amax = max(abs(a[0]), abs(a[1]))
-            w = self.const(ins[1])
-            dq = self.producer.get(ins[1])
-            is_dq = dq is not None and dq.op_type == "DequantizeLinear"
-            if w is None and dq is not None and is_dq and self._unit_qdq(dq.input[1:]):
-                w = self.const(dq.input[0])  # the int8 weights of the QDQ form
-            if w is not None and w.ndim == 2:
-                s = int(np.abs(w.astype(np.int64)).sum(0).max()) * amax
-            elif kdim is not None:
-                s = kdim * amax * max(abs(b[0]), abs(b[1]))
-            else:
-                return None
-            if t == "MatMul" and s >= 2**24 and "matmul" not in self.on:
-                return None  # the float product the spec computes is exact only below 2**24
-            return -s, s
-        if b is None:
-            return None
-        if t == "Add" and (mask := self._mask(node)) is not None:
-            sr, fill = self.range(mask[0]), mask[2]
-            assert sr is not None
-            return min(sr[0], -fill), sr[1]
-        if t == "Add":
-            return a[0] + b[0], a[1] + b[1]
-        if t == "Sub":
-            return a[0] - b[1], a[1] - b[0]
-        if t == "Mul":
-            p = [a[0] * b[0], a[0] * b[1], a[1] * b[0], a[1] * b[1]]
-            return min(p), max(p)
-        return None
-
-    def _fn_range(self, node: onnx.NodeProto) -> Range | None:
-        arrs = self.consts(node.input[1:])
-        if arrs is None:
-            return None
-        t = node.op_type
-        if t == "Requant" and (rq := _Requant.from_arrays(arrs)) is not None:
-            return -rq.qmax, rq.qmax
-        if t == "ISoftmax" and len(arrs) == 6 and arrs[5].size == 1:
-            return 0, int(arrs[5].reshape(-1)[0])
-        if t == "ILayerNorm" and len(arrs) == 12 and (rq := _Requant.from_arrays(arrs[5:])) is not None:
-            return -rq.qmax, rq.qmax
-        if t == "ITanh" and len(arrs) == 8 and arrs[7].size == 1:
-            om = int(arrs[7].reshape(-1)[0])
-            return -om, om
-        return None
-
-    def _mask(self, node: onnx.NodeProto) -> tuple[str, str, int] | None:
-        """``Add(Mul(s, keep), Mul(Sub(keep, 1), fill))`` with ``keep`` in {0, 1}, ``fill > 0`` a
-        constant and ``|s| <= fill`` (the exporter's arithmetic attention mask): ``(s, keep, fill)``.
-        It equals ``Min(s, keep * 2 fill - fill)``: ``s`` where ``keep`` is 1, ``-fill`` where 0."""
-        if node.op_type != "Add" or len(node.input) != 2:
-            return None
-        for i in (0, 1):
-            mul, fmul = self.producer.get(node.input[i]), self.producer.get(node.input[1 - i])
-            if mul is None or fmul is None or mul.op_type != "Mul" or fmul.op_type != "Mul":
-                continue
-            for j in (0, 1):
-                s_, keep = mul.input[j], mul.input[1 - j]
-                kr = self.range(keep)
-                if kr is None or kr[0] < 0 or kr[1] > 1 or self.dtype(keep) != TensorProto.INT32:
-                    continue
-                for k in (0, 1):
-                    sub, f = self.producer.get(fmul.input[k]), self.const(fmul.input[1 - k])
-                    if sub is None or sub.op_type != "Sub" or sub.input[0] != keep or f is None:
-                        continue
-                    if f.size != 1:
-                        continue
-                    one, fill, sr = self.const(sub.input[1]), int(f.reshape(-1)[0]), self.range(s_)
-                    if one is None or one.size != 1 or int(one.reshape(-1)[0]) != 1 or sr is None:
-                        continue
-                    bounded = 0 < fill < 2**30 and -fill <= sr[0] and sr[1] <= fill
-                    if bounded and self.dtype(s_) == TensorProto.INT32:
-                        return s_, keep, fill
-        return None
 
     def masked(self, node: onnx.NodeProto) -> str | None:
         m = self._mask(node)
@@ -618,27 +335,11 @@ class _Rewriter:
         lim = self.op("Sub", self.op("Mul", self.val(keep), self.i32(2 * fill)), self.i32(fill))
         return self.note("mask", self.op("Min", self.val(s_), lim, hint="masked"))
 
-    def _inner_dim(self, name: str) -> int | None:
-        t = self.vinfo.get(name)
-        if t is None or not t.shape.dim:
-            return None
-        d = t.shape.dim[-1]
-        return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
-
-    def _unit_qdq(self, names: Sequence[str]) -> bool:
-        """``scale == 1`` and ``zero_point == 0`` (int8 or absent): DQ/Q are casts on integers."""
-        if not names:
-            return False
-        s = self.const(names[0])
-        if s is None or s.size != 1 or float(s.reshape(-1)[0]) != 1.0:
-            return False
-        if len(names) > 1 and names[1]:
-            z = self.const(names[1])
-            if z is None or z.size != 1 or z.dtype != np.int8 or int(z.reshape(-1)[0]) != 0:
-                return False
-        return True
-
     # ------------------------------------------------------------------ lookup tables
+    def table_range(self, name: str) -> Range | None:
+        lut = self.lut(name)
+        return None if lut is None else (int(lut.table.min()), int(lut.table.max()))
+
     def lut(self, name: str) -> _Lut | None:
         if name not in self._lut_cache:
             self._lut_cache[name] = None
@@ -676,26 +377,17 @@ class _Rewriter:
             fn = functools.partial(K.requantize_int, p=params)
             clamp = (-params.bound, params.bound)
         elif node.op_type == "IGelu":
-            v = _scalars(arrs, 8)
-            if v is None:
+            gc = from_onnx_inputs(K.GeluConsts, arrs)
+            if gc is None or not 0 < gc.in_max < 2**15 or not 0 <= gc.clip * gc.clip <= gc.one < 2**30:
                 return None
-            in_max, half_pre, pow2_pre, clip, one, half_shift, pow2_shift, one_s = v
-            pre, shift = _log2_exact(pow2_pre), _log2_exact(pow2_shift)
-            if pre is None or shift is None or half_pre != (1 << pre) >> 1 or half_shift != (1 << shift) >> 1:
-                return None
-            if not 0 < in_max < 2**15 or not 0 <= clip * clip <= one < 2**30:
-                return None
-            gc = K.GeluConsts(pre=pre, clip=clip, one=one, shift=shift, one_s=one_s, in_max=in_max)
             fn = functools.partial(K.i_gelu_int, c=gc)
-            clamp = (-in_max, in_max)
+            clamp = (-gc.in_max, gc.in_max)
         elif node.op_type == "ITanh":
-            v = _scalars(arrs, 8)
-            ec = _exp_consts(arrs[1:6]) if v is not None else None
-            if v is None or ec is None or not 0 < v[0] < 2**15 or not 0 < v[6] < 2**20 or not 0 < v[7] < 2**7:
+            tc = from_onnx_inputs(K.TanhConsts, arrs)
+            if tc is None or not 0 < tc.in_max < 2**15 or not 0 < tc.one < 2**20 or not 0 < tc.out_max < 2**7:
                 return None
-            tc = K.TanhConsts(exp=ec, one=v[6], out_max=v[7], in_max=v[0])
             fn = functools.partial(K.i_tanh_int, c=tc)
-            clamp = (-v[0], v[0])
+            clamp = (-tc.in_max, tc.in_max)
         else:
             return None
         inner = self.lut(x)
@@ -710,7 +402,7 @@ class _Rewriter:
     def materialize(self, lut: _Lut, rep: str, out_dtype: int) -> str:
         t = lut.table
         if rep == "orig":
-            np_t, bounds = _NP_OF.get(out_dtype), _TYPE_BOUNDS.get(out_dtype)
+            np_t, bounds = NP_OF.get(out_dtype), INT_BOUNDS.get(out_dtype)
             if np_t is None or bounds is None or t.min() < bounds[0] or t.max() > bounds[1]:
                 raise ValueError("the table does not fit the value's integer dtype")
             arr = t.astype(np_t)
@@ -776,9 +468,9 @@ class _Rewriter:
                     "i8": (((a + 128) % 256) - 128).astype(np.int8)}
             return self.init(conv[rep], "w")
         node = self.producer.get(name)
-        layout = node is not None and node.op_type in _LAYOUT_OPS and node.domain in ("", "ai.onnx")
+        layout = node is not None and node.op_type in LAYOUT_OPS and node.domain in ("", "ai.onnx")
         if ("bytes" in self.on and node is not None and layout and name == node.output[0]
-                and self.dtype(node.input[0]) in _INT_TYPES):
+                and self.dtype(node.input[0]) in INT_TYPES):
             ins = [self.val(node.input[0], rep)] + [self.val(i) if i else "" for i in node.input[1:]]
             return self.note("bytes", self._emit_copy(node, ins, hint=node.op_type.lower()))
         return self.convert(self.val(name), dt, rep)
@@ -789,7 +481,7 @@ class _Rewriter:
             x = self.op("Cast", x, to=TensorProto.INT32)
             dt = TensorProto.INT32
         if rep == "u8s":
-            x = self.op("Add", x, self.init(np.asarray(128, dtype=_NP_OF[dt])))
+            x = self.op("Add", x, self.init(np.asarray(128, dtype=NP_OF[dt])))
             return self.op("Cast", x, to=TensorProto.UINT8)
         return self.op("Cast", x, to=TensorProto.INT8 if rep == "i8" else TensorProto.UINT8)
 
@@ -899,13 +591,10 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ ISoftmax
     def softmax(self, node: onnx.NodeProto, arrs: list[np.ndarray]) -> str | None:
-        if len(arrs) != 6:
+        sm = from_onnx_inputs(K.SoftmaxConsts, arrs)
+        if sm is None or not 0 < sm.out_max < 2**8:
             return None
-        ec = _exp_consts(arrs[:5])
-        om = _scalars(arrs[5:], 1)
-        if ec is None or om is None or not 0 < om[0] < 2**8:
-            return None
-        out_max = om[0]
+        ec, out_max = sm.exp, sm.out_max
         top = ec.b * ec.b + ec.c
         if top >= 2**30:  # i-exp would never reach 0 (z + e is capped at 30): no finite table
             return None
@@ -938,15 +627,13 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ ILayerNorm
     def layernorm(self, node: onnx.NodeProto, arrs: list[np.ndarray]) -> str | None:
-        if len(arrs) != 12:
-            return None
-        sc = _scalars(arrs[:3], 3)
+        lc = from_onnx_inputs(K.LayerNormConsts, arrs)
         rq = _Requant.from_arrays(arrs[5:])
-        gamma, beta = arrs[3], arrs[4]
-        if sc is None or rq is None or gamma.dtype.kind not in "iu" or beta.dtype.kind not in "iu":
+        if lc is None or rq is None:
             return None
-        n, half_n, keep = sc
-        if n < 1 or half_n != n // 2 or not 0 <= keep <= 15 or n * 4**keep >= 2**31:
+        n, half_n, keep = lc.n, lc.n // 2, lc.keep
+        gamma, beta = np.asarray(arrs[3]), np.asarray(arrs[4])  # shaped as the graph broadcasts them
+        if not 0 <= keep <= 15 or n * 4**keep >= 2**31:
             return None
         if (2 * K.LN_IN_MAX) >> keep >= self.opts.lut_max:
             return None
@@ -1033,7 +720,7 @@ class _Rewriter:
                 continue
             if mm.op_type == "MatMulInteger" and len(mm.input) == 2:
                 a, w = self._operand(mm.input[0], False), self._operand(mm.input[1], False)
-            elif mm.op_type == "Cast" and _attr(mm, "to") == TensorProto.INT32:
+            elif mm.op_type == "Cast" and attr(mm, "to") == TensorProto.INT32:
                 inner = self.producer.get(mm.input[0])
                 if inner is None or inner.op_type != "MatMul" or self.consumers[inner.output[0]] != 1:
                     continue
@@ -1110,7 +797,7 @@ class _Rewriter:
                 src = qn.input[0]
                 cn = self.producer.get(src)
                 # QuantizeLinear(Cast(v, float)) == v only when v is already an int8 value
-                if cn is not None and cn.op_type == "Cast" and self.dtype(cn.input[0]) in _INT_TYPES:
+                if cn is not None and cn.op_type == "Cast" and self.dtype(cn.input[0]) in INT_TYPES:
                     r = self.range(cn.input[0])
                     if r is not None and r[0] >= -128 and r[1] <= 127:
                         return cn.input[0], "s"
@@ -1172,7 +859,7 @@ class _Rewriter:
 
     def matmul_qdq(self, node: onnx.NodeProto) -> str | None:
         """``Cast(MatMul(DQ(a8), DQ(b8)), to=int32)`` with unit scales -> MatMulInteger."""
-        if _attr(node, "to") != TensorProto.INT32:
+        if attr(node, "to") != TensorProto.INT32:
             return None
         mm = self.producer.get(node.input[0])
         if mm is None or mm.op_type != "MatMul" or self.consumers[mm.output[0]] != 1:

@@ -64,6 +64,8 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, numpy_helper
 
+from qexport.export.onnx_utils import dtype_name, graph_constants
+
 __all__ = [
     "DOC_SOURCE",
     "OPSET_RANGE",
@@ -353,16 +355,7 @@ _CONTRACT_FORBIDDEN = {
 }
 
 
-def _dtype_name(elem_type: int) -> str:
-    """Short lowercase name of an ONNX element type ('int32', 'float32', ...); '?' if unknown."""
-    if elem_type == TensorProto.UNDEFINED:
-        return "?"
-    if elem_type == TensorProto.BFLOAT16:
-        return "bfloat16"
-    try:
-        return str(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
-    except (KeyError, TypeError, ValueError):
-        return str(onnx.TensorProto.DataType.Name(elem_type)).lower()
+_dtype_name = dtype_name
 
 
 @dataclass(frozen=True)
@@ -425,12 +418,9 @@ def _collect(model: onnx.ModelProto) -> _GraphInfo:
     for init in g.initializer:
         info.types[init.name] = init.data_type
         info.consts[init.name] = init
-    for node in g.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
-            for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                    info.consts[node.output[0]] = attr.t
-                    info.types.setdefault(node.output[0], attr.t.data_type)
+    for name, t in graph_constants(g).items():
+        info.consts[name] = t
+        info.types.setdefault(name, t.data_type)
     return info
 
 

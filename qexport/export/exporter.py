@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from qexport.errors import ExportError
+from qexport.export.constants import to_onnx_inputs
 from qexport.export.functions import DOMAIN, DOMAIN_VERSION, Body, function_protos
 from qexport.io import atomic_path
 from qexport.models.integer import IntegerModel
@@ -42,21 +43,6 @@ FORMS = ("functions", "flat")
 LINEAR_FORMS = ("qdq", "integer")
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # ReduceMax/ReduceSum with axes as an input
-
-
-def _rq_arrays(p: K.RequantParams | K.ChannelRequant) -> list[np.ndarray]:
-    if isinstance(p, K.RequantParams):
-        half_pre, pow2_pre = (1 << p.pre) >> 1, 1 << p.pre
-        half_post, pow2_post = (1 << p.post) >> 1, 1 << p.post
-        vals: list[Any] = [p.bound, half_pre, pow2_pre, p.m, half_post, pow2_post, p.qmax]
-    else:
-        vals = [list(p.bound), p.half_pre(), [1 << x for x in p.pre], list(p.m), p.half_post(),
-                [1 << x for x in p.post], p.qmax]
-    return [np.asarray(v, dtype=np.int32) for v in vals]
-
-
-def _exp_arrays(c: K.ExpConsts) -> list[np.ndarray]:
-    return [np.asarray(v, dtype=np.int32) for v in (1 << c.pre, c.ln2, c.b, c.c, c.e)]
 
 
 class GraphBuilder:
@@ -85,7 +71,7 @@ class GraphBuilder:
         return self.b.op(fn, *inputs, domain=DOMAIN, hint=hint)
 
     def requant(self, x: str, p: K.RequantParams | K.ChannelRequant, hint: str) -> str:
-        return self.call("Requant", x, *self.ints(hint + "_rq", _rq_arrays(p)), hint=hint)
+        return self.call("Requant", x, *self.ints(hint + "_rq", to_onnx_inputs(p)), hint=hint)
 
     def table(self, name: str, t: Any) -> str:
         """An int8 embedding table to Gather from: int8 (integer form), or dequantized with
@@ -176,9 +162,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     def layernorm(x: str, key: str) -> str:
         if P.layernorm:
             c: K.LayerNormConsts = C[key]
-            vals = (c.n, c.n // 2, c.keep, list(c.gamma), list(c.beta))
-            ins = [np.asarray(v, dtype=np.int32) for v in vals]
-            return g.call("ILayerNorm", x, *g.ints(key, ins + _rq_arrays(c.out)), hint=key.replace(".", "_"))
+            return g.call("ILayerNorm", x, *g.ints(key, to_onnx_inputs(c)), hint=key.replace(".", "_"))
         xf = g.dequant(x, im.s(key + ".in_s"))
         y = b.op("LayerNormalization", xf, g.init(key + ".g", im.t[key + ".g"].numpy()),
                  g.init(key + ".b", im.t[key + ".b"].numpy()), axis=-1, epsilon=im.eps)
@@ -207,8 +191,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         scores = b.op("Add", b.op("Mul", scores, keep), fill)
         if P.softmax:
             sc: K.SoftmaxConsts = C[f"{p}.softmax"]
-            ins = _exp_arrays(sc.exp) + [np.asarray(sc.out_max, dtype=np.int32)]
-            probs = g.call("ISoftmax", scores, *g.ints(f"{p}.sm", ins), hint=f"{p}_probs")
+            probs = g.call("ISoftmax", scores, *g.ints(f"{p}.sm", to_onnx_inputs(sc)), hint=f"{p}_probs")
         else:
             pf = b.op("Softmax", g.dequant(scores, C[f"{p}.scores_s"]), axis=-1)
             probs = g.quant(b.op("Mul", pf, g.init("s127", np.asarray(127.0, dtype=np.float32))), 1.0)
@@ -221,10 +204,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
         f = g.requant(g.linear_layer(h1, im.lin[f"{p}.f1"], f"{p}.f1"), C[f"{p}.f1.rq"], f"{p}_f1")
         if P.gelu:
             gc: K.GeluConsts = C[f"{p}.gelu"]
-            ins = [np.asarray(v, dtype=np.int32) for v in (
-                gc.in_max, (1 << gc.pre) >> 1, 1 << gc.pre, gc.clip, gc.one, (1 << gc.shift) >> 1,
-                1 << gc.shift, gc.one_s)]
-            gl = g.call("IGelu", f, *g.ints(f"{p}.gelu", ins), hint=f"{p}_gelu")
+            gl = g.call("IGelu", f, *g.ints(f"{p}.gelu", to_onnx_inputs(gc)), hint=f"{p}_gelu")
             gl = g.requant(gl, C[f"{p}.gelu.rq"], f"{p}_gelu_rq")
         else:
             gl = g.quant(b.op("Gelu", g.dequant(f, im.s(f"{p}.gelu.in_s"))), im.s(f"{p}.gelu.out_s"))
@@ -235,9 +215,7 @@ def build_model(im: IntegerModel, linear: str = "qdq", opset: int = DEFAULT_OPSE
     pooled = g.requant(g.linear_layer(cls, im.lin["pool"], "pool"), C["pool.rq"], "pool")
     if P.tanh:
         tc: K.TanhConsts = C["tanh"]
-        ins = [np.asarray(tc.in_max, dtype=np.int32), *_exp_arrays(tc.exp),
-               np.asarray(tc.one, dtype=np.int32), np.asarray(tc.out_max, dtype=np.int32)]
-        pooled = g.call("ITanh", pooled, *g.ints("tanh", ins), hint="tanh")
+        pooled = g.call("ITanh", pooled, *g.ints("tanh", to_onnx_inputs(tc)), hint="tanh")
     else:
         pooled = g.quant(b.op("Tanh", g.dequant(pooled, im.s("tanh.in_s"))), 1.0 / 127)
     logits_int = g.linear_layer(pooled, im.lin["cls"], "cls")

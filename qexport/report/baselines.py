@@ -9,13 +9,17 @@ the HF graph as traced, whose MatMul/Softmax pattern ONNX Runtime's transformer 
 fuses into its ``Attention`` kernels (the ORT FP32/FP16 rows run that optimized graph: a
 strong baseline), and a simple-mask graph for TVM and TensorRT (which cannot run
 ``com.microsoft`` ops, and whose importers choke on transformers 5's mask subgraph).
+
+The CPU user's INT8 baseline is ONNX Runtime's ``quantize_dynamic`` of the fused graph
+(:func:`dynamic_int8_onnx`); :func:`dynamic_int8_accuracy` measures its accuracy on a task for a
+fine-tuned FP model. The runners here are :class:`~qexport.backends.base.Runner` s, like the
+backends'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,29 +27,24 @@ from typing import Any
 
 import numpy as np
 
-from qexport.errors import BackendError, ExportError
+from qexport.backends.base import Runner
+from qexport.errors import CheckpointError, ExportError
+from qexport.io import atomic_path
 
 FLOAT_OPSET = 17
 
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
+    """No Python warnings, and no root-logger warnings (onnxruntime.quantization logs through it)."""
+    previous = logging.root.manager.disable
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        yield
-
-
-@contextlib.contextmanager
-def _atomic_path(out: Path) -> Iterator[Path]:
-    """A temp path next to ``out`` that is renamed onto ``out`` when the block succeeds."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
 
 
 def float_model(checkpoint: Path, attn: str = "sdpa", seed: int = 0) -> Any:
@@ -103,7 +102,7 @@ def export_float_onnx(model: Any, out: Path, opset: int = FLOAT_OPSET, simple_ma
     }
     out = Path(out)
     try:
-        with _quiet(), torch.no_grad(), _atomic_path(out) as tmp:
+        with _quiet(), torch.no_grad(), atomic_path(out) as tmp:
             torch.onnx.export(
                 module,
                 (ids, mask),
@@ -136,7 +135,7 @@ def ort_optimize(
         if fp16:
             opt.convert_float_to_float16(keep_io_types=True)
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-        with _atomic_path(Path(out)) as tmp:
+        with atomic_path(Path(out)) as tmp:
             opt.save_model_to_file(str(tmp))
     return Path(out), stats
 
@@ -148,13 +147,13 @@ def fp16_onnx(src: Path, out: Path) -> Path:
 
     with _quiet():
         model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-        with _atomic_path(Path(out)) as tmp:
+        with atomic_path(Path(out)) as tmp:
             onnx.save(model, str(tmp))
     return Path(out)
 
 
-class TorchRunner:
-    """A PyTorch model behind the ``Runner`` calling convention (numpy in, numpy out)."""
+class TorchRunner(Runner):
+    """A PyTorch model behind the ``Runner`` contract (numpy in, numpy out)."""
 
     def __init__(
         self, model: Any, device: str, half: bool = False, compile_model: bool = False, max_shapes: int = 8
@@ -175,7 +174,7 @@ class TorchRunner:
             model = torch.compile(model, dynamic=False)
         self.model = model
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
@@ -193,34 +192,69 @@ class TorchRunner:
             torch.cuda.synchronize()
 
 
-class OrtRunner:
-    """A float ONNX model in an ONNX Runtime session (CPU, or CUDA with no silent CPU fallback).
-
-    Session options match :class:`qexport.backends.ort.ORTBackend`'s (ORT_ENABLE_ALL).
-    """
+class OrtRunner(Runner):
+    """A float (or ``quantize_dynamic``) ONNX model in an ONNX Runtime session, opened by
+    :func:`qexport.backends.ort.make_session` as ORT would run it (its QDQ fusions on)."""
 
     def __init__(self, path: Path, device: str, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from qexport.backends.ort import make_session
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("onnxruntime has no CUDA provider: install onnxruntime-gpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
-        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise BackendError("onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries?)")
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.session = make_session(path, threads, device, qdq_fusion=True)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {n: feeds[n] for n in self.input_names})
-        return {o.name: np.asarray(v) for o, v in zip(self.session.get_outputs(), outs, strict=True)}
+    def _run_impl(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {n: np.asarray(feeds[n], dtype=np.int64) for n in self.input_names})
+        return {n: np.asarray(v) for n, v in zip(self.output_names, outs, strict=True)}
 
-    def synchronize(self) -> None:
-        """``session.run`` returns host arrays: already synchronous."""
+
+def dynamic_int8_onnx(src: Path, out: Path) -> Path:
+    """ONNX Runtime's ``quantize_dynamic`` of a float ONNX (what Optimum's CPU quantization does):
+    int8 weights per output channel (``QInt8``), activations quantized per call to uint8.
+
+    ``src`` is best the transformer optimizer's fused graph (:func:`ort_optimize`); its
+    ``com.microsoft`` ops carry no type annotations, hence ``DefaultTensorType`` FLOAT."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet(), atomic_path(Path(out)) as tmp:
+        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    return Path(out)
+
+
+def dynamic_int8_accuracy(fp_model_dir: Path, task: str, split: str = "test", *, limit: int | None = None,
+                          batch_size: int = 32, max_length: int = 128, threads: int | None = None,
+                          work_dir: Path | None = None, keep_preds: int = 0) -> dict[str, Any]:
+    """Metric of a fine-tuned FP model (an HF ``save_pretrained`` directory with its tokenizer, e.g.
+    the trainer's ``fp/``) after ORT's transformer fusions and ``quantize_dynamic``, on a task split:
+    the accuracy a CPU user gets from the usual INT8 route, to set beside qexport's integer model.
+
+    Returns :meth:`qexport.evaluate.Evaluation.as_dict` plus ``model``: ``"ORT quantize_dynamic INT8"``.
+    ``work_dir`` keeps the ONNX files (default: a temporary directory); ``keep_preds``: also return
+    the first N predictions."""
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from qexport.evaluate import evaluate, runner_predictor
+
+    fp_model_dir = Path(fp_model_dir)
+    if not (fp_model_dir / "config.json").is_file():
+        raise CheckpointError(f"no fine-tuned FP model in {fp_model_dir} (config.json missing)")
+    with contextlib.ExitStack() as stack:
+        work = Path(work_dir) if work_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        cfg = AutoConfig.from_pretrained(str(fp_model_dir))
+        with _quiet():
+            model = AutoModelForSequenceClassification.from_pretrained(str(fp_model_dir),
+                                                                       attn_implementation="eager").eval()
+        fp32 = export_float_onnx(model, work / "float32.onnx")
+        del model
+        fused, _ = ort_optimize(fp32, work / "float32.ort.onnx", int(cfg.num_attention_heads),
+                                int(cfg.hidden_size), fp16=False, use_gpu=False)
+        dyn = dynamic_int8_onnx(fused, work / "int8.dynamic.onnx")
+        runner = OrtRunner(dyn, "cpu", threads)
+        tok = AutoTokenizer.from_pretrained(str(fp_model_dir))
+        ev = evaluate(runner_predictor(runner, "logits"), task, tok, split, limit=limit,
+                      batch_size=batch_size, max_length=max_length)
+    return {"model": "ORT quantize_dynamic INT8", **ev.as_dict(keep_preds)}

@@ -10,7 +10,8 @@ PyTorch FP32 eager     HF model, SDPA attention                                 
 PyTorch FP16 eager     the same in half precision                               cuda
 torch.compile FP16     ``torch.compile(dynamic=False)`` (``torch_compile=True``) cuda
 ORT FP32 / FP16        float ONNX + ORT transformer fusions (FP16: cuda only)   cpu/cuda
-ORT INT8               qexport integer ONNX (functions form, MatMulInteger)     cpu/cuda
+ORT INT8 dynamic       ORT ``quantize_dynamic`` of the fused FP32 graph         cpu
+ORT INT8               qexport's saved ORT-CPU form (CPU), integer ONNX (CUDA)  cpu/cuda
 TVM FP32 / INT8        float ONNX / flat integer ONNX (MatMulInteger)           cpu/cuda
 TensorRT FP32/FP16     float ONNX (FP16: builder flag)                          cuda
 TensorRT INT8          flat integer ONNX with QDQ linears                       cuda
@@ -27,6 +28,12 @@ does not fit the device is a ``skipped`` row with its reason; one that raises is
 Outputs in ``out_dir``: ``report.json``, ``report.md`` (I-BERT Table 3 form speedups),
 ``latency.png``, ``speedup.png``, ``size.png``, and ``artifacts/`` (the ONNX files,
 TVM libraries and TensorRT plans that were measured, with their true sizes).
+
+Every qexport artifact is built by the public functions the CLI uses -- the exporter
+(:func:`~qexport.export.exporter.export_onnx`), the saved ORT-CPU form
+(:func:`~qexport.backends.ort.export_ort_cpu`) and the backends' ``compile`` -- and the file a row
+stores is the file it timed; the float and ``quantize_dynamic`` baselines come from
+:mod:`qexport.report.baselines`.
 """
 
 from __future__ import annotations
@@ -41,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qexport.backends.base import Runner
 from qexport.errors import BackendError, ConfigError, QexportError
+from qexport.io import atomic_write_json, atomic_write_text
 from qexport.report.timing import (
-    Runnable,
     default_warmup,
     is_oom,
     random_feeds,
@@ -101,6 +109,7 @@ ROW_SPECS: tuple[RowSpec, ...] = (
     RowSpec("torch", "fp16", "torch.compile FP16", gpu_only=True, variant="compile"),
     RowSpec("ort", "fp32", "ORT FP32"),
     RowSpec("ort", "fp16", "ORT FP16", gpu_only=True),
+    RowSpec("ort", "int8", "ORT INT8 dynamic", variant="dynamic"),
     RowSpec("ort", "int8", "ORT INT8"),
     RowSpec("tvm", "fp32", "TVM FP32"),
     RowSpec("tvm", "int8", "TVM INT8"),
@@ -118,13 +127,13 @@ class _RowRuntime:
     """What a row measures: one runner for every shape, or one per shape (static compilers)."""
 
     def __init__(
-        self, runner: Runnable | None = None, per_shape: Callable[[int, int], Runnable] | None = None
+        self, runner: Runner | None = None, per_shape: Callable[[int, int], Runner] | None = None
     ) -> None:
         self._runner = runner
         self._per_shape = per_shape
-        self._cache: dict[tuple[int, int], Runnable] = {}
+        self._cache: dict[tuple[int, int], Runner] = {}
 
-    def runner_for(self, batch: int, seq: int) -> Runnable:
+    def runner_for(self, batch: int, seq: int) -> Runner:
         if self._runner is not None:
             return self._runner
         assert self._per_shape is not None
@@ -232,6 +241,22 @@ class _Context:
 
         return self.cached(f"int8.{form}.{linear}.onnx", make)
 
+    def ort_cpu_onnx(self) -> tuple[Path, str]:
+        """The saved ORT-CPU form, with the u8s8 policy that is exact and fastest on this CPU."""
+        from qexport.backends.ort import export_ort_cpu
+        from qexport.backends.ort_rewrite import exact_int8_gemms
+
+        policy = "vnni" if "u8s8" in exact_int8_gemms() else "portable"
+        name = f"int8.ort-cpu.{policy}.onnx"
+        path = self.cached(name, lambda: export_ort_cpu(self.checkpoint, self.art_dir / name, u8s8=policy))
+        return path, policy
+
+    def dynamic_int8_onnx(self) -> Path:
+        from qexport.report.baselines import dynamic_int8_onnx
+
+        name = "int8.dynamic.onnx"
+        return self.cached(name, lambda: dynamic_int8_onnx(self.ort_float_onnx(False), self.art_dir / name))
+
     @property
     def vocab_size(self) -> int:
         return int(self.config.vocab_size)
@@ -320,15 +345,23 @@ def _prepare(spec: RowSpec, ctx: _Context, n_shapes: int) -> _Prepared:
 
         if dev == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise _Skip("onnxruntime has no CUDA provider: install onnxruntime-gpu")
+        if spec.precision == "int8" and spec.variant == "dynamic":
+            if dev != "cpu":
+                raise _Skip("ORT quantize_dynamic INT8 is a CPU baseline (use --device cpu)")
+            from qexport.report.baselines import OrtRunner
+
+            path = ctx.dynamic_int8_onnx()
+            notes = ["quantize_dynamic (per-channel QInt8 weights) of the fused FP32 graph",
+                     *ctx.notes.get("float32.ort.onnx", [])]
+            return _Prepared(lambda: _RowRuntime(OrtRunner(path, dev, ctx.threads)), path, notes)
         if spec.precision == "int8":
             be = _backend("ort")
-            path = ctx.int_onnx("functions", "integer")
-            return _Prepared(
-                lambda: _RowRuntime(be.load(path, dev, **opts)),
-                path,
-                ["qexport integer ONNX, functions form, MatMulInteger linears"
-                 + ("; run through the ORT backend's bit-exact load-time rewrites" if dev == "cpu" else "")],
-            )
+            if dev == "cpu":
+                path, policy = ctx.ort_cpu_onnx()
+                note = f"qexport saved ORT-CPU form (--u8s8 {policy}), loaded as saved"
+            else:
+                path, note = ctx.int_onnx("functions", "integer"), "qexport integer ONNX, functions form"
+            return _Prepared(lambda: _RowRuntime(be.load(path, dev, **opts)), path, [note])
         from qexport.report.baselines import OrtRunner
 
         path = ctx.ort_float_onnx(fp16=spec.precision == "fp16")
@@ -349,7 +382,7 @@ def _prepare(spec: RowSpec, ctx: _Context, n_shapes: int) -> _Prepared:
         except QexportError as exc:  # no dynamic shapes: compile one library per grid point
             note = f"dynamic-shape compile failed ({exc.message}); one library per (batch, seq)"
 
-            def per_shape(b: int, s: int) -> Runnable:
+            def per_shape(b: int, s: int) -> Runner:
                 o = ctx.art_dir / f"tvm-{spec.precision}-{dev}-b{b}-s{s}"
                 lib_bs = ctx.cached(
                     o.name, lambda: Path(be.compile(src, o, target=target, shapes={"batch": b, "seq": s}))
@@ -499,16 +532,14 @@ def headline(
         return out
     out["cpu_speedup_int8_vs_fp32"] = f32["median_ms"] / i8["median_ms"]
     out["int8_ms"], out["fp32_ms"] = i8["median_ms"], f32["median_ms"]
+    dyn = _point(by_key.get("ort-dynamic-int8"), b, s)
+    if dyn is not None:
+        out["cpu_speedup_int8_vs_dynamic"] = dyn["median_ms"] / i8["median_ms"]
+        out["dynamic_ms"] = dyn["median_ms"]
     return out
 
 
 # ----------------------------------------------------------------------------- entry point
-
-
-def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -685,10 +716,10 @@ def run_report(
         with _progress(len(specs) * grid, progress) as advance:
             for spec in specs:
                 doc["rows"].append(_measure_row(spec, ctx, iters, warm, advance, point_budget_s))
-                _write_json(json_path, doc)
+                atomic_write_json(json_path, doc)
     except BaseException:
         doc["interrupted"] = True
-        _write_json(json_path, doc)
+        atomic_write_json(json_path, doc)
         raise
     finally:
         _torch_threads(torch_threads)
@@ -707,14 +738,12 @@ def run_report(
     doc["speedups"] = render.speedups(doc["rows"], batches, seqs)
     md = render.markdown(doc)
     md_path = out_dir / "report.md"
-    tmp = md_path.with_name(f".{md_path.name}.tmp-{os.getpid()}")
-    tmp.write_text(md)
-    os.replace(tmp, md_path)
+    atomic_write_text(md_path, md)
     try:
         doc["plots"] = [str(p) for p in render.plots(doc, out_dir)]
     except Exception as exc:  # plots are secondary: keep the measured report
         doc["plots"], doc["plot_error"] = [], short_reason(exc)
-    _write_json(json_path, doc)
+    atomic_write_json(json_path, doc)
 
     if not any(r["status"] == "ok" for r in doc["rows"]):
         by_reason: dict[str, list[str]] = {}

@@ -73,6 +73,8 @@ def speedups(
             continue
         rt = r["runtime"]
         bases = [f"{rt}-fp32", f"{rt}-fp16", "torch-eager-fp32", "torch-eager-fp16"]
+        if r["key"] != "ort-dynamic-int8":  # qexport's integer rows against the CPU user's INT8 route
+            bases.append("ort-dynamic-int8")
         for bk in dict.fromkeys(bases):
             base = by_key.get(bk)
             if base is None or base["status"] != "ok":

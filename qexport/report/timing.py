@@ -11,15 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
 
 import numpy as np
 
-
-class Runnable(Protocol):
-    def run(self, feeds: Mapping[str, np.ndarray]) -> Any: ...
-
-    def synchronize(self) -> None: ...
+from qexport.backends.base import Runner
 
 
 def default_warmup(iters: int) -> int:
@@ -32,7 +27,7 @@ MIN_TIMED = 3
 
 
 def time_runs(
-    runner: Runnable, feeds: Mapping[str, np.ndarray], iters: int, warmup: int, budget_s: float | None = None
+    runner: Runner, feeds: Mapping[str, np.ndarray], iters: int, warmup: int, budget_s: float | None = None
 ) -> list[float]:
     """Seconds per run for ``iters`` runs after ``warmup`` untimed runs.
 

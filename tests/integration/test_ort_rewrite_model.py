@@ -129,3 +129,103 @@ def test_rewrites_switch_off(int_checkpoint: Path, tmp_path_factory: pytest.Temp
     assert only.kept["ILayerNorm"] == 13
     monkeypatch.delenv("QEXPORT_ORT_REWRITE")
     assert be.load(path, "cpu", rewrite=False).rewrite_report is None  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- the saved ORT-CPU form
+
+
+@pytest.fixture(scope="module")
+def ort_cpu_files(int_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The saved ORT-CPU form of the MiniLM checkpoint, per u8s8 policy, through the CLI."""
+    from qexport.cli import main
+
+    out = {}
+    for policy in ("portable", "vnni"):
+        path = tmp_path_factory.mktemp("ortcpu") / f"model.{policy}.onnx"
+        argv = ["onnx", str(int_checkpoint), "--form", "ort-cpu", "--linear", "integer", "--u8s8", policy]
+        assert main([*argv, "-o", str(path)]) == 0
+        out[policy] = path
+    return out
+
+
+@pytest.mark.parametrize("policy", ["portable", "vnni"])
+def test_saved_ort_cpu_form_is_bit_exact_in_bare_onnxruntime(
+    int_checkpoint: Path, ort_cpu_files: dict[str, Path], policy: str
+) -> None:
+    """Plain ``onnxruntime.InferenceSession`` (default options) on the saved file: 0 mismatches on rt
+    text, and the metadata records the form, the policy and the rewrites."""
+    import json
+
+    import onnx
+    import onnxruntime as ort
+
+    from qexport.backends.ort_rewrite import exact_int8_gemms
+
+    path = ort_cpu_files[policy]
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["qexport_form"] == "ort-cpu" and meta["qexport_ort_u8s8"] == policy
+    assert meta["preset"] == "full" and "logits_scale" in meta  # the exporter's metadata is kept
+    applied = json.loads(meta["qexport_ort_rewrites"])
+    assert applied["fused-linears"] == 6 and applied["softmax"] == 6 and applied["layernorm"] == 13
+    assert not [n for n in model.graph.node if n.domain == "qexport"] and not model.functions
+    if policy == "portable":  # 8-bit weights: u8 x u8, but for P V (probabilities: no pair sum saturates)
+        assert applied["matmul-u8u8"] == 6 * 5 + 2 and applied["matmul-u8s8"] == 6
+    else:
+        assert applied["matmul-u8s8"] == 6 * 6 + 2 and "matmul-u8u8" not in applied
+    if policy == "vnni" and "u8s8" not in exact_int8_gemms():
+        pytest.skip("this CPU's u8 x s8 kernel is not exact: the vnni file is refused here (tested below)")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for feeds, ref in make_cases(int_checkpoint):
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+        np.testing.assert_array_equal(got["logits_int"], ref)
+
+
+def test_backend_loads_the_saved_form_without_rewriting(
+    int_checkpoint: Path, ort_cpu_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qexport.backends import ort_rewrite
+
+    def no_rewrite(*_: object, **__: object) -> None:
+        raise AssertionError("a saved ORT-CPU file was rewritten again")
+
+    monkeypatch.setattr(ort_rewrite, "rewrite_for_ort", no_rewrite)
+    runner = get_backend("ort").load(ort_cpu_files["portable"], "cpu")
+    assert runner.form["qexport_form"] == "ort-cpu"  # type: ignore[attr-defined]
+    assert runner.rewrite_report.applied["fused-linears"] == 6  # type: ignore[attr-defined]
+    feeds, ref = make_cases(int_checkpoint)[2]
+    np.testing.assert_array_equal(runner.run(feeds)["logits_int"], ref)
+    # compiling a saved file again copies it as it is
+    saved = ort_cpu_files["portable"]
+    again = get_backend("ort").compile(saved, saved.with_name("b.onnx"))
+    assert again.read_bytes() == saved.read_bytes()
+
+
+def test_vnni_file_is_refused_where_u8s8_is_not_exact(
+    ort_cpu_files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an AVX2-only CPU (the probe finds only u8 x u8 exact) the vnni file is one clear error;
+    the portable file still loads."""
+    from qexport.backends import ort_rewrite
+    from qexport.errors import BackendError
+
+    monkeypatch.setattr(ort_rewrite, "exact_int8_gemms", lambda: frozenset({"u8u8"}))
+    with pytest.raises(BackendError, match="--u8s8 vnni.*not exact.*--u8s8 portable"):
+        get_backend("ort").load(ort_cpu_files["vnni"], "cpu")
+    get_backend("ort").load(ort_cpu_files["portable"], "cpu")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [(["--form", "ort-cpu", "--u8s8", "avx9"], "unknown u8s8 policy 'avx9'"),
+     (["--form", "flat", "--u8s8", "vnni"], "--u8s8 applies to --form ort-cpu only"),
+     (["--form", "ort-gpu"], "unknown form 'ort-gpu'")],
+)
+def test_ort_cpu_form_bad_options(int_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  extra: list[str], needle: str) -> None:
+    from qexport.cli import main
+
+    assert main(["onnx", str(int_checkpoint), "-o", str(tmp_path / "m.onnx"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert not list(tmp_path.iterdir())

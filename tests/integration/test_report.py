@@ -68,13 +68,14 @@ def test_tiny_cpu_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
         "torch-eager-fp16",
         "ort-fp32",
         "ort-fp16",
+        "ort-dynamic-int8",
         "ort-int8",
         "trt-fp32",
         "trt-fp16",
         "trt-int8",
     ]
 
-    for key in ("torch-eager-fp32", "ort-fp32", "ort-int8"):
+    for key in ("torch-eager-fp32", "ort-fp32", "ort-dynamic-int8", "ort-int8"):
         r = rows[key]
         assert r["status"] == "ok", (key, r["reason"])
         (p,) = r["points"]
@@ -88,15 +89,20 @@ def test_tiny_cpu_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
         want = "runs on CUDA only" if HAS_TRT else "TensorRT is not installed"
         assert want in rows[key]["reason"], rows[key]["reason"]
 
-    # ORT INT8 ran the exporter's integer ONNX, and its size is the file's
+    # ORT INT8 ran the saved ORT-CPU form it stores (made by the ORT backend), and its size is the file's
     int8 = rows["ort-int8"]
     art = Path(int8["artifact"])
     assert art.is_file() and art.suffix == ".onnx" and int8["artifact_bytes"] == art.stat().st_size
     import onnx
 
     proto = onnx.load(str(art))
-    ops = {n.op_type for n in proto.graph.node} | {n.op_type for f in proto.functions for n in f.node}
-    assert "MatMulInteger" in ops and "MatMul" not in ops
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["qexport_form"] == "ort-cpu" and meta["qexport_ort_u8s8"] in ("portable", "vnni")
+    ops = {n.op_type for n in proto.graph.node}
+    assert "MatMulInteger" in ops and "MatMul" not in ops and not proto.functions
+    # the CPU user's INT8 route: quantize_dynamic of the fused float graph
+    dyn = onnx.load(rows["ort-dynamic-int8"]["artifact"])
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {n.op_type for n in dyn.graph.node}
 
     size = checkpoint_size(tiny_checkpoint)
     assert doc["size"]["checkpoint"]["bytes"] == size["bytes"]
@@ -108,7 +114,11 @@ def test_tiny_cpu_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert res["cpu_speedup_int8_vs_fp32"] == pytest.approx(f32["median_ms"] / i8["median_ms"])
     assert doc["headline"]["batch"] == 1 and doc["headline"]["seq"] == 16
     pairs = {(e["int8"], e["baseline"]): e for e in doc["speedups"]}
-    assert set(pairs) == {("ort-int8", "ort-fp32"), ("ort-int8", "torch-eager-fp32")}
+    assert set(pairs) == {("ort-int8", "ort-fp32"), ("ort-int8", "torch-eager-fp32"),
+                          ("ort-int8", "ort-dynamic-int8"), ("ort-dynamic-int8", "ort-fp32"),
+                          ("ort-dynamic-int8", "torch-eager-fp32")}
+    d = rows["ort-dynamic-int8"]["points"][0]
+    assert doc["headline"]["cpu_speedup_int8_vs_dynamic"] == pytest.approx(d["median_ms"] / i8["median_ms"])
     assert pairs[("ort-int8", "ort-fp32")]["avg"] == pytest.approx(res["cpu_speedup_int8_vs_fp32"])
 
     md = (out / "report.md").read_text()
@@ -227,4 +237,4 @@ def test_cuda_without_a_gpu_skips_every_row(tiny_checkpoint: Path, tmp_path: Pat
             progress=False,
         )
     rows = json.loads((tmp_path / "report.json").read_text())["rows"]
-    assert len(rows) == 10 and all(r["status"] == "skipped" and r["reason"] for r in rows)
+    assert len(rows) == 11 and all(r["status"] == "skipped" and r["reason"] for r in rows)

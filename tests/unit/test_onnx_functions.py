@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from qexport.export.exporter import _exp_arrays, _rq_arrays, inline_and_fold
+from qexport.export.constants import to_onnx_inputs
+from qexport.export.exporter import inline_and_fold
 from qexport.export.functions import DOMAIN, DOMAIN_VERSION, function_protos
 from qexport.ops import kernels as K
 
@@ -37,43 +38,39 @@ class OpCase:
 
 def _gelu(scale: float) -> tuple[list[np.ndarray], Any]:
     c = K.gelu_constants(scale)
-    half_pre, half_shift = (1 << c.pre) >> 1, (1 << c.shift) >> 1
-    vals = (c.in_max, half_pre, 1 << c.pre, c.clip, c.one, half_shift, 1 << c.shift, c.one_s)
-    return [np.asarray(v, np.int32) for v in vals], c
+    return to_onnx_inputs(c), c
 
 
 def _softmax(scale: float) -> tuple[list[np.ndarray], Any]:
     c = K.softmax_constants(scale)
-    return [*_exp_arrays(c.exp), np.asarray(c.out_max, np.int32)], c
+    return to_onnx_inputs(c), c
 
 
 def _exp(scale: float) -> tuple[list[np.ndarray], Any]:
     c = K.exp_constants(scale)
-    return _exp_arrays(c), c
+    return to_onnx_inputs(c), c
 
 
 def _tanh(scale: float) -> tuple[list[np.ndarray], Any]:
     c = K.tanh_constants(scale)
-    return [np.asarray(c.in_max, np.int32), *_exp_arrays(c.exp), np.asarray(c.one, np.int32),
-            np.asarray(c.out_max, np.int32)], c
+    return to_onnx_inputs(c), c
 
 
 def _requant(ratio: float) -> tuple[list[np.ndarray], Any]:
     c = K.ChannelRequant.from_ratios([ratio * (1 + 0.37 * i) for i in range(6)], bits=8)
-    return _rq_arrays(c), c
+    return to_onnx_inputs(c), c
 
 
 def _requant16(ratio: float) -> tuple[list[np.ndarray], Any]:
     p = K.requant_from_ratio(ratio, 16)
-    return _rq_arrays(p), p
+    return to_onnx_inputs(p), p
 
 
 def _layernorm(scale: float) -> tuple[list[np.ndarray], Any]:
     g = torch.Generator().manual_seed(int(scale * 1e6) % 1000)
     w, b = torch.randn(6, generator=g) * 2, torch.randn(6, generator=g)
     c = K.layernorm_constants(w, b, out_scale=scale)
-    vals = [c.n, c.n // 2, c.keep, list(c.gamma), list(c.beta)]
-    return [np.asarray(v, np.int32) for v in vals] + _rq_arrays(c.out), c
+    return to_onnx_inputs(c), c
 
 
 def _edges(lo: int, hi: int) -> Callable[[np.random.Generator], np.ndarray]:

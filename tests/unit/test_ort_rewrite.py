@@ -24,7 +24,7 @@ from qexport.backends.ort_rewrite import (
     exact_int8_gemms,
     rewrite_for_ort,
 )
-from qexport.export.exporter import _exp_arrays, _rq_arrays
+from qexport.export.constants import to_onnx_inputs
 from qexport.export.functions import DOMAIN, DOMAIN_VERSION, function_protos
 from qexport.ops import kernels as K
 
@@ -101,7 +101,7 @@ def test_lut_requant_of_an_int8_value() -> None:
     """Requant (per tensor) of a value proven to be int8: a 256-entry table, no clamp."""
     p = K.requant_from_ratio(97.3, 16)
     g = Graph(TensorProto.INT8)
-    y = g.fn("Requant", g.node("Cast", "x", to=TensorProto.INT32), _rq_arrays(p))
+    y = g.fn("Requant", g.node("Cast", "x", to=TensorProto.INT32), to_onnx_inputs(p))
     new = rewritten(g.model(y), ["lut"])
     assert "Clip" not in {n.op_type for n in new.graph.node}
     x = np.arange(-128, 128).astype(np.int8)
@@ -114,7 +114,7 @@ def test_lut_requant_clamped_to_its_bound(ratio: float) -> None:
     p = K.requant_from_ratio(ratio, 8)
     assert 2 * p.bound + 1 <= 1 << 17
     g = Graph()
-    new = rewritten(g.model(g.fn("Requant", "x", _rq_arrays(p))), ["lut"])
+    new = rewritten(g.model(g.fn("Requant", "x", to_onnx_inputs(p))), ["lut"])
     x = edges(-I32_MAX, I32_MAX, p.bound, p.bound + 1, -p.bound, -p.bound - 1, p.bound - 1)
     np.testing.assert_array_equal(run(new, x), ref(lambda t: K.requantize_int(t, p), x))
 
@@ -122,11 +122,9 @@ def test_lut_requant_clamped_to_its_bound(ratio: float) -> None:
 def test_lut_gelu_then_requant_compose_into_one_int8_table() -> None:
     """IGelu (clamped to 16 bits) followed by its requantization: one table of the composition."""
     c = K.gelu_constants(3e-4)
-    half_pre, half_shift = (1 << c.pre) >> 1, (1 << c.shift) >> 1
-    vals = (c.in_max, half_pre, 1 << c.pre, c.clip, c.one, half_shift, 1 << c.shift, c.one_s)
     rq = K.requant_from_ratio(K.gelu_out_scale(3e-4, c) / 0.02, 8)
     g = Graph()
-    y = g.fn("Requant", g.fn("IGelu", "x", [np.asarray(v, np.int32) for v in vals]), _rq_arrays(rq))
+    y = g.fn("Requant", g.fn("IGelu", "x", to_onnx_inputs(c)), to_onnx_inputs(rq))
     new = rewritten(g.model(y), ["lut", "lut-compose"])
     assert sum(n.op_type == "GatherElements" for n in new.graph.node) == 1
     every16 = np.arange(-(2**15) + 1, 2**15, dtype=np.int32)
@@ -137,8 +135,7 @@ def test_lut_gelu_then_requant_compose_into_one_int8_table() -> None:
 
 def test_lut_tanh() -> None:
     c = K.tanh_constants(0.002)
-    consts = [np.asarray(c.in_max, np.int32), *_exp_arrays(c.exp), np.asarray(c.one, np.int32),
-              np.asarray(c.out_max, np.int32)]
+    consts = to_onnx_inputs(c)
     g = Graph()
     new = rewritten(g.model(g.fn("ITanh", "x", consts)), ["lut"])
     x = np.concatenate([np.arange(-(2**15) + 1, 2**15, dtype=np.int32), edges(-I32_MAX, I32_MAX)])
@@ -154,7 +151,7 @@ def test_requant_per_channel(ratio: float, bits: int) -> None:
     """Per-channel constants: pre-shifts in float32 (bounds < 2**24) or int32, or none."""
     c = K.ChannelRequant.from_ratios([ratio * (1 + 0.37 * i) for i in range(6)], bits=bits)
     g = Graph(shape=["n", 6])
-    new = rewritten(g.model(g.fn("Requant", "x", _rq_arrays(c))), ["requant"])
+    new = rewritten(g.model(g.fn("Requant", "x", to_onnx_inputs(c))), ["requant"])
     f32_pre = any(c.pre) and max(b + (1 << p) // 2 for b, p in zip(c.bound, c.pre, strict=True)) < 2**24
     casts = {helper.get_attribute_value(a) for n in new.graph.node if n.op_type == "Cast"
              for a in n.attribute}
@@ -170,7 +167,7 @@ def test_requant_per_tensor_too_wide_for_a_table() -> None:
     p = K.requant_from_ratio(2e-6, 16)
     assert 2 * p.bound + 1 > 1 << 17
     g = Graph()
-    new = rewritten(g.model(g.fn("Requant", "x", _rq_arrays(p))), ["requant"])
+    new = rewritten(g.model(g.fn("Requant", "x", to_onnx_inputs(p))), ["requant"])
     x = edges(-I32_MAX, I32_MAX, p.bound, p.bound + 1, -p.bound - 1)
     np.testing.assert_array_equal(run(new, x), ref(lambda t: K.requantize_int(t, p), x))
 
@@ -198,7 +195,7 @@ def test_softmax(scale: float, lut_max: int) -> None:
     c = K.softmax_constants(scale)
     assert (c.exp.pre > 0) == (scale < 1.5e-4)
     g = Graph(shape=[6, "n"])
-    new = rewritten(g.model(g.fn("ISoftmax", "x", [*_exp_arrays(c.exp), np.asarray(c.out_max, np.int32)])),
+    new = rewritten(g.model(g.fn("ISoftmax", "x", to_onnx_inputs(c))),
                     ["softmax"], lut_max=lut_max)
     for n in (1, 7, 128):
         x = softmax_rows(n, n)
@@ -217,7 +214,7 @@ def test_mask_folds_into_a_min_and_drops_the_softmax_clamp() -> None:
     keep = g.node("Max", g.node("Min", g.const(mask), one), zero)
     fill = g.node("Mul", g.node("Sub", keep, one), g.const(np.asarray(K.MASK_FILL, np.int32)))
     masked = g.node("Add", g.node("Mul", s, keep), fill)
-    y = g.fn("ISoftmax", masked, [*_exp_arrays(c.exp), np.asarray(c.out_max, np.int32)])
+    y = g.fn("ISoftmax", masked, to_onnx_inputs(c))
     new = rewritten(g.model(y, y_shape=[2, 3, 5]), ["mask", "softmax"])
     assert "Clip" not in {n.op_type for n in new.graph.node}
     x = np.random.default_rng(1).integers(-128, 128, (2, 3, 4)).astype(np.int8)
@@ -247,9 +244,8 @@ def test_layernorm(n: int) -> None:
     gen = torch.Generator().manual_seed(n)
     w, b = torch.randn(n, generator=gen) * 2, torch.randn(n, generator=gen)
     c = K.layernorm_constants(w, b, out_scale=0.03)
-    vals = [np.asarray(v, np.int32) for v in (c.n, c.n // 2, c.keep, list(c.gamma), list(c.beta))]
     g = Graph(shape=[7, n])
-    new = rewritten(g.model(g.fn("ILayerNorm", "x", vals + _rq_arrays(c.out))), ["layernorm"])
+    new = rewritten(g.model(g.fn("ILayerNorm", "x", to_onnx_inputs(c))), ["layernorm"])
     x = ln_rows(n, 0)
     np.testing.assert_array_equal(run(new, x), ref(lambda t: K.i_layernorm_int(t, c), x))
 
@@ -316,7 +312,7 @@ def test_a_function_with_runtime_constants_is_kept() -> None:
     """Constants that are not initializers cannot be folded: the call stays, with its FunctionProto."""
     p = K.requant_from_ratio(0.4, 8)
     g = Graph()
-    arrs = _rq_arrays(p)
+    arrs = to_onnx_inputs(p)
     m_input = g.node("Identity", g.const(arrs[3]))  # m through an op: not a constant to the rewriter
     y = g.node("Requant", "x", *(g.const(a) for a in arrs[:3]), m_input, *(g.const(a) for a in arrs[4:]),
                domain=DOMAIN)
@@ -352,7 +348,7 @@ def test_graphs_with_subgraphs_are_left_alone() -> None:
     """A subgraph may name an outer value that a rewrite renames: such a model is not rewritten."""
     p = K.requant_from_ratio(0.4, 8)
     g = Graph()
-    y = g.fn("Requant", "x", _rq_arrays(p))
+    y = g.fn("Requant", "x", to_onnx_inputs(p))
     branch = helper.make_graph([helper.make_node("Identity", [y], ["b"])], "branch", [],
                                [helper.make_tensor_value_info("b", TensorProto.INT32, None)])
     cond = g.const(np.asarray(True))
