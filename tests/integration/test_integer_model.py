@@ -110,6 +110,11 @@ def test_checkpoint_damage_is_detected(int_checkpoint: Path, tmp_path: Path) -> 
     shutil.copytree(int_checkpoint, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        IntegerModel.from_checkpoint(bad)
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF  # same size, one byte altered
+    (bad / "model.safetensors").write_bytes(bytes(flipped))
     with pytest.raises(CheckpointError, match="sha256"):
         IntegerModel.from_checkpoint(bad)
     (bad / "manifest.json").write_text("{not json")
