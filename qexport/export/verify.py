@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,11 @@ def verify(
     max_length: int = 128,
     device: str = "cpu",
     out_dir: Path | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Compare ``logits_int`` of ``backend`` with the integer reference; returns the parity report."""
+    """Compare ``logits_int`` of ``backend`` with the integer reference; returns the parity report.
+
+    ``on_batch(n)`` is called after each batch with its row count (progress bars)."""
     from qexport.data import get_task
     from qexport.models.integer import IntegerModel
 
@@ -132,6 +135,8 @@ def verify(
         labels += lab or []
         n += r.shape[0]
         truncated += tr
+        if on_batch is not None:
+            on_batch(int(r.shape[0]))
     agree = sum(a == b for a, b in zip(ref_preds, be_preds, strict=True))
     res: dict[str, Any] = {
         "backend": backend,
