@@ -10,7 +10,9 @@ model's own tokenizer; :func:`evaluate` scores one predictor on it.
 
 from __future__ import annotations
 
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,3 +155,14 @@ def evaluate(
     if all_labelled and len(ev.labels) == len(ev.preds):
         ev.metric = dict(get_task(task_spec).compute_metric(ev.preds, ev.labels))
     return ev
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable: ``qexport.evaluate(...)`` is :func:`evaluate` (the package exports
+    the function under the module's own name, and a submodule always wins that name)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Evaluation:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
