@@ -76,20 +76,22 @@ def progress(description: str, total: int, out: Console | None = None) -> Iterat
 
 
 class _Clock:
-    """Per-stage wall times: ``with clock("train"): ...``."""
+    """Per-stage wall and CPU times (this process, all threads): ``with clock("train", title): ...``."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.stages: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str, title: str) -> Iterator[None]:
         console.rule(f"[bold]{title}")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             self.stages[name] = round(time.perf_counter() - t, 1)
+            self.cpu[name] = round(time.process_time() - c, 1)
 
     def total(self) -> float:
         return round(time.perf_counter() - self.t0, 1)
@@ -244,6 +246,7 @@ def run_demo(
             files["plots"] = list(rep.get("plots", []))
 
     summary["timings_s"] = {**clock.stages, "total": clock.total()}
+    summary["cpu_s"] = clock.cpu
     summary["machine"] = {"cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     files["summary"] = str(out / "summary.json")
     summary["files"] = files
