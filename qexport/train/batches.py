@@ -64,7 +64,11 @@ def tokenizer_digest(tokenizer: Any) -> str:
     tokenizers) or its vocabulary and init arguments (slow ones)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        body = backend.to_str()
+        # truncation/padding are call-time state the last ``__call__`` left behind, not identity
+        d = json.loads(backend.to_str())
+        d.pop("truncation", None)
+        d.pop("padding", None)
+        body = json.dumps(d, sort_keys=True)
     else:
         body = json.dumps(
             {"vocab": tokenizer.get_vocab(), "init": getattr(tokenizer, "init_kwargs", {})},
@@ -110,8 +114,8 @@ def encode_split(
                 if d.get("key") == key:
                     return EncodedSplit(d["input_ids"], d["attention_mask"], d["labels"],
                                         int(d["num_truncated"]))
-            except (OSError, RuntimeError, KeyError, AttributeError):
-                pass  # unreadable cache: tokenise again and rewrite it
+            except Exception:  # any unreadable cache file: tokenise again and rewrite it
+                pass
     enc = encode(rows, tokenizer, max_length=max_length)
     if "labels" not in enc:
         raise DataError("training needs labelled examples: some rows have no label")
