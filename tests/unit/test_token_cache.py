@@ -52,8 +52,8 @@ def test_changed_key_is_a_miss(rows: list[Any], minilm_tokenizer: Any, tmp_path:
     tok2 = copy.deepcopy(minilm_tokenizer)
     tok2.add_tokens(["qexportzzz"])
     assert B.tokenizer_digest(tok2) != B.tokenizer_digest(minilm_tokenizer)
-    t = B.encode_split([dataclasses.replace(rows[0], text="qexportzzz"), *rows[1:]], tok2, 16, cache_dir=tmp_path,
-                       name="rt-dev")
+    new_rows = [dataclasses.replace(rows[0], text="qexportzzz"), *rows[1:]]
+    t = B.encode_split(new_rows, tok2, 16, cache_dir=tmp_path, name="rt-dev")
     assert int(t.input_ids[0, 1]) == len(minilm_tokenizer)  # the added token, not a stale row
     assert len(list(tmp_path.iterdir())) == 5
 
