@@ -105,9 +105,14 @@ def _parity_on_rt(ckpt: Path, onnx_file: Path, rows: int = 8) -> None:
     assert seen == rows
 
 
+def _env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH (subprocesses run this tree)."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+
+
 def _run_example(name: str, out: Path) -> None:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, PYTHONPATH=path)
+    env = _env()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / name), "--fp-steps", "2", "--qat-steps", "2",
          "--test-limit", "16", "-o", str(out)],
@@ -130,3 +135,17 @@ def test_hf_trainer_example(tmp_path: Path) -> None:
     out = tmp_path / "hf"
     _run_example("hf_trainer.py", out)
     _parity_on_rt(out / "checkpoint", out / "model.onnx")
+
+
+def test_readme_snippet_runs(tmp_path: Path) -> None:
+    """The README's "Python API" block, as written, in a scratch directory."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("### Python API")
+    block = readme[readme.index("```python\n", start) + len("```python\n") :]
+    block = block[: block.index("```")]
+    code = block + "\nprint('ACCURACY', ev.metric['metric'], ev.examples)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env=_env(), timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "artifacts" / "api" / "checkpoint" / "manifest.json").is_file()
+    assert "ACCURACY" in proc.stdout and proc.stdout.strip().endswith(" 1334")
