@@ -57,7 +57,7 @@ from qexport.train.state import (
 
 STAGE_INDEX = {"fp": 0, "qat": 1}
 #: Recipe keys that may change between a run and its resume.
-RESUME_MUTABLE = {("train", "device"), ("train", "log_every"), ("name",)}
+RESUME_MUTABLE = {("train", "device"), ("train", "log_every"), ("train", "save_every"), ("name",)}
 #: Steps left out of the mean step time (allocator / first-call warm-up).
 TIMING_WARMUP = 3
 
