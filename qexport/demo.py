@@ -288,8 +288,8 @@ def summary_table(s: dict[str, Any]) -> Table:
         i8, f32 = lat.get("int8"), lat.get("fp32")
         if i8 and f32:
             t.add_row("CPU latency", f"INT8 {i8['ms']:.1f} ms ({i8['row']}) vs FP32 {f32['ms']:.1f} ms "
-                                     f"({f32['row']}): {lat['fp32_over_int8']:.2f}x, batch {i8['batch']}, "
-                                     f"seq {i8['seq']}")
+                                     f"({f32['row']}), batch {i8['batch']}, seq {i8['seq']}: "
+                                     f"INT8 {lat['fp32_over_int8']:.2f}x as fast")
         else:
             t.add_row("CPU latency", "not measured (see the report)")
     tm = s.get("timings_s", {})
