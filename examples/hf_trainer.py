@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_steps(model, dataset, collator, args.fp_steps, 5e-5, args.output / "fp")        # 1. float
     qexport.quantize_model(model, args.preset)                                             # 2. in place
-    calib = (collator(dataset[i : i + 16]) for i in range(0, 8 * 16, 16))
+    calib = ({k: v.to(model.device) for k, v in collator(dataset[i : i + 16]).items()}
+             for i in range(0, 8 * 16, 16))
     print(f"calibrated on {qexport.calibrate(model, calib)} batches")                      # 3. ranges
     train_steps(model, dataset, collator, args.qat_steps, 2e-5, args.output / "qat")      # 4. QAT
     model.eval()
