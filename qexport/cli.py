@@ -28,6 +28,23 @@ app = typer.Typer(
 Out = Annotated[Path | None, typer.Option("-o", "--output", help="output path")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from qexport import __version__
+
+        typer.echo(f"qexport {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Integer-only BERT/RoBERTa: train, export to integer ONNX, compile, verify, report."""
+
+
 def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
@@ -285,12 +302,32 @@ def demo(
     output: Out = None,
     recipe: Annotated[Path, typer.Option(help="recipe to train")] = Path("recipes/rt-minilm-full.yaml"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="recipe override")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="print summary.json instead of the table")] = False,
 ) -> None:
     """The whole pipeline on the offline default: train -> onnx -> ORT + TVM -> verify -> report."""
-    from qexport.demo import run_demo
+    from rich.console import Console
+
+    from qexport.demo import run_demo, summary_table
 
     summary = run_demo(output or Path("artifacts/demo"), recipe, set_ or [])
-    _echo_json(summary)
+    if json_:
+        _echo_json(summary)
+    else:
+        Console().print(summary_table(summary))
+
+
+@app.command()
+def env(
+    json_: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Versions, CPU model and features, and which backends can run here (and why not)."""
+    from qexport.env import environment, format_environment
+
+    info = environment()
+    if json_:
+        _echo_json(info)
+    else:
+        typer.echo(format_environment(info))
 
 
 def _usage_error_types() -> tuple[type[Exception], ...]:

@@ -2,7 +2,7 @@
 
 :func:`verify` is bit-exact parity against the integer reference: the PyTorch
 :class:`~qexport.models.integer.IntegerModel` (built from the checkpoint alone) and the backend
-run on the same tokenized batches (one :func:`qexport.evaluate.evaluate_many` loop) and every
+run on the same tokenized batches (one :func:`qexport.evaluation.evaluate_many` loop) and every
 ``logits_int`` element must be equal; it also reports argmax agreement and each side's metric
 when the data has labels, and writes ``parity.json``. :func:`run_on_data` runs one artifact on a
 split (predictions and metric) with the tokenizer the model was trained with
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from qexport.errors import BackendError, ConfigError
-from qexport.evaluate import evaluate, evaluate_many, load_tokenizer, reference_predictor, runner_predictor
+from qexport.evaluation import evaluate, evaluate_many, load_tokenizer, reference_predictor, runner_predictor
 from qexport.io import atomic_write_json
 
 

@@ -117,6 +117,31 @@ def get_backend(name: str) -> Backend:
     return _REGISTRY[name]()
 
 
+def load_backend(
+    artifact: Path | str,
+    backend: str = "ort",
+    device: str = "cpu",
+    *,
+    output: Path | None = None,
+    compile_options: dict[str, Any] | None = None,
+    **load_options: Any,
+) -> Runner:
+    """A ready :class:`Runner` for ``artifact`` on ``backend``.
+
+    ``artifact`` is what the backend loads (an ONNX file for ``ort``, a TVM directory, a TensorRT
+    plan) or an ONNX file for a compiling backend (``tvm``, ``trt``), which is compiled first
+    (``compile_options``, e.g. ``{"target": "llvm"}``; into ``output`` or the backend's default
+    path next to the file). ``Runner.run({"input_ids": ..., "attention_mask": ...})`` returns
+    ``logits`` and ``logits_int``. :class:`BackendError` for an unknown backend, a missing runtime
+    or artifact, or a model the backend cannot compile.
+    """
+    be = get_backend(backend)
+    path = Path(artifact)
+    if backend != "ort" and path.suffix == ".onnx":
+        path = be.compile(path, output, **(compile_options or {}))
+    return be.load(path, device, **load_options)
+
+
 def backend_names() -> list[str]:
     _import_builtin_backends()
     return sorted(_REGISTRY)

@@ -97,6 +97,9 @@ def quantize_model(
 ) -> Any:
     """Swap the QAT modules into an HF ``*ForSequenceClassification`` model, in place.
 
+    Raises ConfigError for an unknown preset or bit width, ModelError for a model that is not
+    BERT/RoBERTa or is already quantized.
+
     ``weight_bits`` applies to the encoder's linear layers; embeddings use
     ``emb_bits`` (8 by default, as I-BERT); the classifier's last linear is
     quantized per tensor so that the logits have one scale.
@@ -105,6 +108,12 @@ def quantize_model(
     check_weight_bits(weight_bits)
     check_weight_bits(emb_bits, "emb_bits")
     arch = model_arch(model)
+    done: QuantPreset | None = getattr(model, "qexport_preset", None)
+    if done is not None and done.quantized:
+        raise ModelError(
+            f"model is already quantized (preset {done.name!r}): quantize_model takes a float model; "
+            "call qexport.dequantize_model first to quantize it again"
+        )
     model.qexport_preset = p
     model.qexport_bits = {"weight": weight_bits, "act": act_bits, "emb": emb_bits}
     if not p.quantized:

@@ -230,14 +230,14 @@ def dynamic_int8_accuracy(fp_model_dir: Path, task: str, split: str = "test", *,
     the trainer's ``fp/``) after ORT's transformer fusions and ``quantize_dynamic``, on a task split:
     the accuracy a CPU user gets from the usual INT8 route, to set beside qexport's integer model.
 
-    Returns :meth:`qexport.evaluate.Evaluation.as_dict` plus ``model``: ``"ORT quantize_dynamic INT8"``.
+    Returns :meth:`qexport.evaluation.Evaluation.as_dict` plus ``model``: ``"ORT quantize_dynamic INT8"``.
     ``work_dir`` keeps the ONNX files (default: a temporary directory); ``keep_preds``: also return
     the first N predictions."""
     import tempfile
 
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from qexport.evaluate import evaluate, runner_predictor
+    from qexport.evaluation import evaluate, runner_predictor
 
     fp_model_dir = Path(fp_model_dir)
     if not (fp_model_dir / "config.json").is_file():

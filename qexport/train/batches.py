@@ -2,7 +2,11 @@
 
 A split is tokenised once (:func:`qexport.data.encode`, padded to its longest
 row); a batch gathers rows and trims the padding columns no row in it uses
-(right padding, so trimming is exact). The order of an epoch is
+(right padding, so trimming is exact). With a ``cache_dir``, :func:`encode_split` keeps the
+tensors on disk under a key of tokenizer, task, split, ``max_length``, ``limit`` and the rows'
+content, so a later run of the same recipe skips tokenisation, and any change of those (another
+tokenizer, another max length, edited data) is a new key: a stale cache is never read. The order of
+an epoch is
 ``DistributedSampler(seed=seed).set_epoch(epoch)`` - the same permutation for
 the same ``(seed, epoch)`` in every process and on resume - so a position in
 training is just ``(epoch, batch index within the epoch)``.
@@ -10,9 +14,13 @@ training is just ``(epoch, batch index within the epoch)``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,17 +55,78 @@ class EncodedSplit:
             yield self.batch(range(start, min(start + batch_size, len(self))))
 
 
+#: Bump when the cached file's layout changes (old caches then miss instead of misloading).
+CACHE_FORMAT = 1
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """SHA-256 of what decides a tokenizer's output: its class and full serialisation (fast
+    tokenizers) or its vocabulary and init arguments (slow ones)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # truncation/padding are call-time state the last ``__call__`` left behind, not identity
+        d = json.loads(backend.to_str())
+        d.pop("truncation", None)
+        d.pop("padding", None)
+        body = json.dumps(d, sort_keys=True)
+    else:
+        body = json.dumps(
+            {"vocab": tokenizer.get_vocab(), "init": getattr(tokenizer, "init_kwargs", {})},
+            sort_keys=True, default=str,
+        )
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    h.update(body.encode())
+    return h.hexdigest()
+
+
+def split_cache_key(rows: Sequence[Any], tokenizer: Any, max_length: int, name: str) -> str:
+    """The cache key of one tokenised split (see the module docstring)."""
+    h = hashlib.sha256(json.dumps({"format": CACHE_FORMAT, "name": name, "max_length": max_length}).encode())
+    h.update(tokenizer_digest(tokenizer).encode())
+    for ex in rows:
+        h.update(json.dumps([ex.text, ex.text_pair, ex.label]).encode())
+    return h.hexdigest()
+
+
 def encode_split(
-    examples: Sequence[Any], tokenizer: Any, max_length: int, limit: int | None = None
+    examples: Sequence[Any],
+    tokenizer: Any,
+    max_length: int,
+    limit: int | None = None,
+    *,
+    cache_dir: Path | None = None,
+    name: str = "split",
 ) -> EncodedSplit:
+    """Tokenise ``examples[:limit]`` (labels required); with ``cache_dir``, through the on-disk
+    cache ``cache_dir/<name>-<max_length>-<key>.pt`` (``name``: e.g. ``rt-train``)."""
     from qexport.data import encode
     from qexport.errors import DataError
 
     rows = list(examples[:limit] if limit else examples)
+    path = None
+    if cache_dir is not None:
+        key = split_cache_key(rows, tokenizer, max_length, name)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
+        path = Path(cache_dir) / f"{safe}-{max_length}-{key[:20]}.pt"
+        if path.is_file():
+            try:
+                d = torch.load(path, map_location="cpu", weights_only=True)
+                if d.get("key") == key:
+                    return EncodedSplit(d["input_ids"], d["attention_mask"], d["labels"],
+                                        int(d["num_truncated"]))
+            except Exception:  # any unreadable cache file: tokenise again and rewrite it
+                pass
     enc = encode(rows, tokenizer, max_length=max_length)
     if "labels" not in enc:
         raise DataError("training needs labelled examples: some rows have no label")
-    return EncodedSplit(enc["input_ids"], enc["attention_mask"], enc["labels"], int(enc["num_truncated"]))
+    out = EncodedSplit(enc["input_ids"], enc["attention_mask"], enc["labels"], int(enc["num_truncated"]))
+    if path is not None:
+        from qexport.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save({"key": key, "input_ids": out.input_ids, "attention_mask": out.attention_mask,
+                        "labels": out.labels, "num_truncated": out.num_truncated}, tmp)
+    return out
 
 
 class EpochOrder:

@@ -57,7 +57,7 @@ from qexport.train.state import (
 
 STAGE_INDEX = {"fp": 0, "qat": 1}
 #: Recipe keys that may change between a run and its resume.
-RESUME_MUTABLE = {("train", "device"), ("train", "log_every"), ("name",)}
+RESUME_MUTABLE = {("train", "device"), ("train", "log_every"), ("train", "save_every"), ("name",)}
 #: Steps left out of the mean step time (allocator / first-call warm-up).
 TIMING_WARMUP = 3
 
@@ -168,17 +168,24 @@ class Data:
     test_split: str
 
 
-def load_data(recipe: Recipe, tokenizer: Any) -> Data:
+def load_data(recipe: Recipe, tokenizer: Any, cache_dir: Path | None = None) -> Data:
+    """The recipe's tokenised splits; with ``cache_dir``, through the on-disk token cache
+    (:func:`qexport.train.batches.encode_split`)."""
     from qexport.data import get_task
 
     task = get_task(recipe.task)
     cfg = recipe.train
-    train = encode_split(task.load("train"), tokenizer, recipe.max_length)
-    dev = encode_split(task.load(cfg.eval_split), tokenizer, recipe.max_length, cfg.eval_limit)
+
+    def enc(split: str, limit: int | None = None) -> EncodedSplit:
+        return encode_split(task.load(split), tokenizer, recipe.max_length, limit, cache_dir=cache_dir,
+                            name=f"{recipe.task}-{split}")
+
+    train = enc("train")
+    dev = enc(cfg.eval_split, cfg.eval_limit)
     test = None
     split = cfg.test_split or cfg.eval_split
     if cfg.test_split is not None:
-        test = encode_split(task.load(cfg.test_split), tokenizer, recipe.max_length, cfg.test_limit)
+        test = enc(cfg.test_split, cfg.test_limit)
     return Data(task, train, dev, test, split)
 
 
@@ -263,8 +270,8 @@ def evaluate(
 
 def evaluate_integer(ckpt: Path, split: EncodedSplit, task: Any, batch_size: int) -> dict[str, Any]:
     """Metrics of the pure-integer reference model (:class:`qexport.models.integer.IntegerModel`),
-    through :func:`qexport.evaluate.score` on the encoded split."""
-    from qexport.evaluate import reference_predictor, score
+    through :func:`qexport.evaluation.score` on the encoded split."""
+    from qexport.evaluation import reference_predictor, score
     from qexport.models.integer import IntegerModel
 
     im = IntegerModel.from_checkpoint(ckpt)
@@ -640,6 +647,9 @@ def train(
     resume: bool = False,
     device: str | None = None,
     fp_from: Path | None = None,
+    *,
+    final_int_eval: bool = True,
+    token_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Run the recipe's FP and QAT stages into ``out_dir``; return (and write) the summary.
 
@@ -647,7 +657,10 @@ def train(
     none); the recipe must be the one the state was written with (device and log cadence aside).
     ``device`` overrides ``recipe.train.device``. Safe under ``torchrun``. ``fp_from``: a finished
     run whose FP stage had the same settings (:func:`fp_stage_key`) is reused instead of retrained
-    (``qexport sweep`` does this across presets).
+    (``qexport sweep`` does this across presets). ``final_int_eval=False`` leaves out the last
+    step, the integer reference over the test split (slow: torch int64 kernels; ``qexport demo``
+    scores the integer model after export with a backend proven bit-exact instead): ``int_metric``
+    is then None. ``token_cache``: a directory for the tokenised splits, reused across runs.
     """
     out = Path(out_dir)
     pref = device or recipe.train.device
@@ -657,7 +670,7 @@ def train(
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        return _train(recipe, out, resume, dist, dev, fp_from)
+        return _train(recipe, out, resume, dist, dev, fp_from, final_int_eval, token_cache)
     finally:
         if dist.owns_group:
             import torch.distributed as td
@@ -707,7 +720,8 @@ def _reuse_fp(run: Run, other: Path) -> bool:
 
 
 def _train(
-    recipe: Recipe, out: Path, resume: bool, dist: Dist, dev: torch.device, fp_from: Path | None = None
+    recipe: Recipe, out: Path, resume: bool, dist: Dist, dev: torch.device, fp_from: Path | None = None,
+    final_int_eval: bool = True, token_cache: Path | None = None,
 ) -> dict[str, Any]:
     _quiet_hf()
     run = Run(recipe, out, dist, dev)
@@ -740,7 +754,7 @@ def _train(
     if recipe.runs_fp and stage_now == "fp":
         model, tok = build_model(recipe.model, recipe, num_labels, quantized=False)
         run.tokenizer = tok
-        run.data = load_data(recipe, tok)
+        run.data = load_data(recipe, tok, token_cache)
         run.console.log(
             f"task {recipe.task}: {len(run.data.train)} train / {len(run.data.dev)} "
             f"{recipe.train.eval_split} rows ({run.data.train.num_truncated} truncated "
@@ -765,7 +779,7 @@ def _train(
         model, tok = build_model(source, recipe, num_labels, quantized=True)
         run.tokenizer = tok
         if run.data is None:
-            run.data = load_data(recipe, tok)
+            run.data = load_data(recipe, tok, token_cache)
         teacher = None
         if recipe.distillation.enabled:
             teacher, _ = build_model(source, recipe, num_labels, quantized=False)
@@ -797,17 +811,19 @@ def _train(
         run.results["qat"] = run.run_stage("qat", model, recipe.qat, save_qat, teacher, state)
         del model, teacher
         state = None
-    return _finish(run, source, num_labels)
+    return _finish(run, source, num_labels, final_int_eval, token_cache)
 
 
-def _finish(run: Run, source: str, num_labels: int) -> dict[str, Any]:
+def _finish(
+    run: Run, source: str, num_labels: int, final_int_eval: bool = True, token_cache: Path | None = None
+) -> dict[str, Any]:
     """Test-split metrics of the best FP, QAT and integer models; summary.json, the plot, the final state."""
     recipe, out, dist = run.recipe, run.out, run.dist
     extra: dict[str, Any] = {"test_split": recipe.train.test_split or recipe.train.eval_split}
     if dist.is_main:
         if run.data is None:
             _, tok = build_model(source, recipe, num_labels, quantized=False)
-            run.data = load_data(recipe, tok)
+            run.data = load_data(recipe, tok, token_cache)
         data = run.data
         split = data.test if data.test is not None else data.dev
         eval_bs = 64
@@ -828,10 +844,11 @@ def _finish(run: Run, source: str, num_labels: int) -> dict[str, Any]:
             extra["qat_test"] = evaluate(qmodel.to(run.device), split, data.task, eval_bs, run.device)
             extra["qat_metric"] = extra["qat_test"]["metric"]
             ckpt = out / "checkpoint"
-            extra["int_test"] = evaluate_integer(ckpt, split, data.task, eval_bs)
-            extra["int_metric"] = extra["int_test"]["metric"]
+            if final_int_eval:
+                extra["int_test"] = evaluate_integer(ckpt, split, data.task, eval_bs)
+                extra["int_metric"] = extra["int_test"]["metric"]
+                _update_manifest(ckpt, {"test": {"split": split_name(recipe), **extra["int_test"]}})
             extra["checkpoint"] = str(ckpt)
-            _update_manifest(ckpt, {"test": {"split": split_name(recipe), **extra["int_test"]}})
             del qmodel
         summary = _summary(run, extra)
         atomic_write_json(out / "summary.json", summary)

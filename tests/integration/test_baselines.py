@@ -30,7 +30,7 @@ def fp_model_dir(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_dynamic_int8_accuracy_matches_the_fp_model_it_quantizes(fp_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from qexport.evaluate import evaluate
+    from qexport.evaluation import evaluate
     from qexport.report.baselines import dynamic_int8_accuracy
 
     res = dynamic_int8_accuracy(fp_model_dir, "rt", "test", limit=48, batch_size=16, work_dir=tmp_path,

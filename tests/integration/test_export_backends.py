@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qexport.cli import main
 from qexport.data import encode, get_task
 from qexport.errors import ExportError
-from qexport.evaluate import load_tokenizer
+from qexport.evaluation import load_tokenizer
 from qexport.export.exporter import export_onnx
 from qexport.models.integer import IntegerModel
 from qexport.verify import verify

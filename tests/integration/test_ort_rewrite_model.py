@@ -17,7 +17,7 @@ import torch
 
 from qexport.backends import get_backend
 from qexport.data import encode, get_task
-from qexport.evaluate import load_tokenizer
+from qexport.evaluation import load_tokenizer
 from qexport.export.exporter import export_onnx
 from qexport.models.integer import IntegerModel
 

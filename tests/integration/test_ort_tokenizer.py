@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from qexport.cli import main
-from qexport.evaluate import evaluate, load_tokenizer, reference_predictor
+from qexport.evaluation import evaluate, load_tokenizer, reference_predictor
 from qexport.export.exporter import TOKENIZER_PROP
 from tests.tiny import FILLER, NEGATIVE, POSITIVE, make_tiny_task
 

@@ -1,4 +1,4 @@
-"""``qexport.evaluate``: the one loop (score / score_many and the tokenizing evaluate / evaluate_many)."""
+"""``qexport.evaluation``: the one loop (score / score_many and the tokenizing evaluate / evaluate_many)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qexport.data import get_task
-from qexport.evaluate import evaluate, evaluate_many, score, score_many
+from qexport.evaluation import evaluate, evaluate_many, score, score_many
 from tests.tiny import make_tiny_task
 
 
