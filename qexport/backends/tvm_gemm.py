@@ -148,10 +148,10 @@ def _dim(value: int | None, name: str) -> Any:
     return value if value is not None else _var(name)
 
 
-def _finish(func: Any, name: str) -> Any:
+def _finish(func: Any) -> Any:
+    """Mark a PrimFunc as scheduled and opaque (no global symbol: the module names it)."""
     return func.with_attrs(
         {
-            "global_symbol": name,
             "tir.noalias": True,
             "tir.is_scheduled": True,
             SCHEDULED_ATTR: True,
@@ -167,7 +167,6 @@ def gemm_primfunc(
     n: int | None,
     a_dtype: str,
     shared_b: bool,
-    name: str = "qexport_gemm",
 ) -> Any:
     """``C[b, m, n] = sum_k A[b, m, k] * W[b or 0, k, n]`` in int32 over a packed ``W``.
 
@@ -182,7 +181,7 @@ def gemm_primfunc(
             func = _scalar_gemm(k=k, n=n, a_dtype=a_dtype, shared_b=shared_b)
         else:
             func = _simd_gemm(st, k=k, n=n, a_dtype=a_dtype, shared_b=shared_b)
-    return _finish(func, name)
+    return _finish(func)
 
 
 def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shared_b: bool) -> Any:
@@ -214,62 +213,68 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
             return T.call_llvm_pure_intrin(vec, intrin, accv, av, wv)
         return accv + T.call_llvm_pure_intrin(vec, intrin, av, wv)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, s_tir=True)
     def gemm(a: T.handle, w: T.handle, c_in: T.handle, c: T.handle):
         A = T.match_buffer(a, (bt, m, kk), a_dtype)
         W = T.match_buffer(w, (bb, nb, kg, nr * g), wdt)
         CORR = T.match_buffer(c_in, (bb, nb * nr), "int32")
         C = T.match_buffer(c, (bt, m, nn), "int32")
-        for p in T.parallel(bt * nb):
-            for blk in range(mb):
-                acc = T.alloc_buffer((acc_n,), "int32", scope="global")
-                tail = T.alloc_buffer((mr,), "int32", scope="global")
-                for i in T.unroll(mr):
-                    for v in T.unroll(nv):
-                        acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = CORR[
-                            (p // nb) * sb, T.ramp((p % nb) * nr + v * lanes, 1, lanes)
-                        ]
-                for q in range(kf):
-                    for i in T.unroll(mr):
-                        for v in T.unroll(nv):
-                            acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
-                                acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
-                                _load_group(T, A, p // nb, T.min(blk * mr + i, m - 1), q * g, vnni),
-                                W[(p // nb) * sb, p % nb, q, T.ramp(v * lanes * g, 1, lanes * g)],
-                            )
-                if kf < kg:
-                    # last, partial k group: bytes beyond K are zero (weights are zero there)
-                    for i in T.unroll(mr):
-                        tail[i] = 0
-                        for t in range(kk - kf * g):
-                            tail[i] = tail[i] | _tail_elem(
-                                T, A, p // nb, T.min(blk * mr + i, m - 1), kf * g + t, t, vnni
-                            )
-                    for i in T.unroll(mr):
-                        for v in T.unroll(nv):
-                            acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
-                                acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
-                                tail[i],
-                                W[(p // nb) * sb, p % nb, kf, T.ramp(v * lanes * g, 1, lanes * g)],
-                            )
-                if (p % nb) * nr + nr <= nn:
-                    for i in T.unroll(mr):
-                        for v in T.unroll(nv):
-                            C[
-                                p // nb,
-                                T.min(blk * mr + i, m - 1),
-                                T.ramp((p % nb) * nr + v * lanes, 1, lanes),
-                            ] = acc[T.ramp((i * nv + v) * lanes, 1, lanes)]
-                else:
-                    spill = T.alloc_buffer((acc_n,), "int32", scope="global")
-                    for i in T.unroll(mr):
-                        for v in T.unroll(nv):
-                            spill[T.ramp((i * nv + v) * lanes, 1, lanes)] = acc[
-                                T.ramp((i * nv + v) * lanes, 1, lanes)
-                            ]
-                    for i in T.unroll(mr):
-                        for j in range(nn - (p % nb) * nr):
-                            C[p // nb, T.min(blk * mr + i, m - 1), (p % nb) * nr + j] = spill[i * nr + j]
+        with T.sblock("root"):
+            for p in T.parallel(bt * nb):
+                for blk in range(mb):
+                    with T.sblock("tile"):
+                        T.reads(A[0:bt, 0:m, 0:kk], W[0:bb, 0:nb, 0:kg, 0 : nr * g], CORR[0:bb, 0 : nb * nr])
+                        T.writes(C[0:bt, 0:m, 0:nn])
+                        acc = T.alloc_buffer((acc_n,), "int32", scope="global")
+                        tail = T.alloc_buffer((mr,), "int32", scope="global")
+                        for i in T.unroll(mr):
+                            for v in T.unroll(nv):
+                                acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = CORR[
+                                    (p // nb) * sb, T.ramp((p % nb) * nr + v * lanes, 1, lanes)
+                                ]
+                        for q in range(kf):
+                            for i in T.unroll(mr):
+                                for v in T.unroll(nv):
+                                    acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
+                                        acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
+                                        _load_group(T, A, p // nb, T.min(blk * mr + i, m - 1), q * g, vnni),
+                                        W[(p // nb) * sb, p % nb, q, T.ramp(v * lanes * g, 1, lanes * g)],
+                                    )
+                        if kf < kg:
+                            # last, partial k group: bytes beyond K are zero (weights are zero there)
+                            for i in T.unroll(mr):
+                                tail[i] = 0
+                                for t in range(kk - kf * g):
+                                    tail[i] = tail[i] | _tail_elem(
+                                        T, A, p // nb, T.min(blk * mr + i, m - 1), kf * g + t, t, vnni
+                                    )
+                            for i in T.unroll(mr):
+                                for v in T.unroll(nv):
+                                    acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
+                                        acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
+                                        tail[i],
+                                        W[(p // nb) * sb, p % nb, kf, T.ramp(v * lanes * g, 1, lanes * g)],
+                                    )
+                        if (p % nb) * nr + nr <= nn:
+                            for i in T.unroll(mr):
+                                for v in T.unroll(nv):
+                                    C[
+                                        p // nb,
+                                        T.min(blk * mr + i, m - 1),
+                                        T.ramp((p % nb) * nr + v * lanes, 1, lanes),
+                                    ] = acc[T.ramp((i * nv + v) * lanes, 1, lanes)]
+                        else:
+                            spill = T.alloc_buffer((acc_n,), "int32", scope="global")
+                            for i in T.unroll(mr):
+                                for v in T.unroll(nv):
+                                    spill[T.ramp((i * nv + v) * lanes, 1, lanes)] = acc[
+                                        T.ramp((i * nv + v) * lanes, 1, lanes)
+                                    ]
+                            for i in T.unroll(mr):
+                                for j in range(nn - (p % nb) * nr):
+                                    C[p // nb, T.min(blk * mr + i, m - 1), (p % nb) * nr + j] = spill[
+                                        i * nr + j
+                                    ]
 
     return gemm
 
@@ -300,25 +305,26 @@ def _scalar_gemm(*, k: int | None, n: int | None, a_dtype: str, shared_b: bool) 
     bb = 1 if shared_b else bt
     sb = 0 if shared_b else 1
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, s_tir=True)
     def gemm(a: T.handle, w: T.handle, c_in: T.handle, c: T.handle):
         A = T.match_buffer(a, (bt, m, kk), a_dtype)
         W = T.match_buffer(w, (bb, kk, nn), "int8")
         CORR = T.match_buffer(c_in, (bb, nn), "int32")
         C = T.match_buffer(c, (bt, m, nn), "int32")
-        for p in T.parallel(bt * m):
-            for j in range(nn):
-                C[p // m, p % m, j] = CORR[(p // m) * sb, j]
-            for q in range(kk):
+        with T.sblock("root"):
+            for p in T.parallel(bt * m):
                 for j in range(nn):
-                    C[p // m, p % m, j] = C[p // m, p % m, j] + T.Cast("int32", A[p // m, p % m, q]) * T.Cast(
-                        "int32", W[(p // m) * sb, q, j]
-                    )
+                    C[p // m, p % m, j] = CORR[(p // m) * sb, j]
+                for q in range(kk):
+                    for j in range(nn):
+                        C[p // m, p % m, j] = C[p // m, p % m, j] + T.Cast(
+                            "int32", A[p // m, p % m, q]
+                        ) * T.Cast("int32", W[(p // m) * sb, q, j])
 
     return gemm
 
 
-def pack_primfunc(st: Strategy, *, k: int | None, n: int | None, shift: bool, name: str = "qexport_pack") -> Any:
+def pack_primfunc(st: Strategy, *, k: int | None, n: int | None, shift: bool) -> Any:
     """Run-time packing of an activation right-hand side ``B [Bt, K, N]`` int8 for ``st``.
 
     Outputs the packed operand and ``corr`` with the layouts of :func:`pack_weight`
@@ -333,18 +339,19 @@ def pack_primfunc(st: Strategy, *, k: int | None, n: int | None, shift: bool, na
     if st.kind == "scalar":
         with _cheap_inspect_stack():
 
-            @T.prim_func(private=True)
+            @T.prim_func(private=True, s_tir=True)
             def copy(b: T.handle, o: T.handle, c_out: T.handle):
                 B = T.match_buffer(b, (bt, kk, nn), "int8")
-                O = T.match_buffer(o, (bt, kk, nn), "int8")
+                PK = T.match_buffer(o, (bt, kk, nn), "int8")
                 CORR = T.match_buffer(c_out, (bt, nn), "int32")
-                for p in T.parallel(bt):
-                    for q, j in T.grid(kk, nn):
-                        O[p, q, j] = B[p, q, j]
-                    for j in range(nn):
-                        CORR[p, j] = 0
+                with T.sblock("root"):
+                    for p in T.parallel(bt):
+                        for q, j in T.grid(kk, nn):
+                            PK[p, q, j] = B[p, q, j]
+                        for j in range(nn):
+                            CORR[p, j] = 0
 
-        return _finish(copy, name)
+        return _finish(copy)
 
     lanes, g, nv, nr = st.lanes, st.group, st.nv, st.nr
     wdt = st.weight_dtype
@@ -352,23 +359,299 @@ def pack_primfunc(st: Strategy, *, k: int | None, n: int | None, shift: bool, na
     scale = -128 if shift else 0
     with _cheap_inspect_stack():
 
-        @T.prim_func(private=True)
+        @T.prim_func(private=True, s_tir=True)
         def pack(b: T.handle, o: T.handle, c_out: T.handle):
             B = T.match_buffer(b, (bt, kk, nn), "int8")
-            O = T.match_buffer(o, (bt, nb, kg, nr * g), wdt)
+            PK = T.match_buffer(o, (bt, nb, kg, nr * g), wdt)
             CORR = T.match_buffer(c_out, (bt, nb * nr), "int32")
-            for p in T.parallel(bt):
-                for j in range(nb * nr):
-                    CORR[p, j] = 0
-                for q, j in T.grid(kk, nn):
-                    CORR[p, j] = CORR[p, j] + T.Cast("int32", B[p, q, j])
-                for j in range(nb * nr):
-                    CORR[p, j] = CORR[p, j] * scale
-                for x, q, v, ln, t in T.grid(nb, kg, nv, lanes, g):
-                    O[p, x, q, (v * lanes + ln) * g + t] = T.if_then_else(
-                        q * g + t < kk and x * nr + v * lanes + ln < nn,
-                        T.Cast(wdt, B[p, T.min(q * g + t, kk - 1), T.min(x * nr + v * lanes + ln, nn - 1)]),
-                        T.Cast(wdt, 0),
-                    )
+            with T.sblock("root"):
+                for p in T.parallel(bt):
+                    for j in range(nb * nr):
+                        CORR[p, j] = 0
+                    for q, j in T.grid(kk, nn):
+                        CORR[p, j] = CORR[p, j] + T.Cast("int32", B[p, q, j])
+                    for j in range(nb * nr):
+                        CORR[p, j] = CORR[p, j] * scale
+                    for x, q, v, ln, t in T.grid(nb, kg, nv, lanes, g):
+                        PK[p, x, q, (v * lanes + ln) * g + t] = T.if_then_else(
+                            q * g + t < kk and x * nr + v * lanes + ln < nn,
+                            T.Cast(
+                                wdt, B[p, T.min(q * g + t, kk - 1), T.min(x * nr + v * lanes + ln, nn - 1)]
+                            ),
+                            T.Cast(wdt, 0),
+                        )
 
-    return _finish(pack, name)
+    return _finish(pack)
+
+
+# --------------------------------------------------------------------------------------------
+# the Relax pass
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Operand:
+    expr: Any  # the int8/uint8 Relax expression (or the Constant for weights)
+    dtype: str
+    const: np.ndarray | None  # the int8 values when the operand is a constant
+
+
+def _dtype_of(expr: Any) -> str:
+    dt = getattr(expr.ty, "dtype", "")
+    return str(getattr(dt, "dtype", dt))
+
+
+def _const_value(expr: Any, var2val: dict[Any, Any]) -> np.ndarray | None:
+    import tvm
+    from tvm import relax
+
+    while isinstance(expr, relax.Var) and expr in var2val:
+        expr = var2val[expr]
+    if isinstance(expr, tvm.ir.GenericConst) and hasattr(expr.value, "numpy"):
+        return np.asarray(expr.value.numpy())
+    return None
+
+
+def _is_const_all(expr: Any, value: float, var2val: dict[Any, Any]) -> bool:
+    v = _const_value(expr, var2val)
+    return v is not None and bool(np.all(v == value))
+
+
+def _int_operand(expr: Any, var2val: dict[Any, Any], *, float_form: bool) -> _Operand | None:
+    """See through ``astype(x, int32)`` (integer form) or ``dequantize(x, 1, 0)`` (qdq form)."""
+    from tvm import relax
+
+    src = expr
+    if isinstance(src, relax.Var) and src in var2val:
+        src = var2val[src]
+    inner = None
+    if isinstance(src, relax.Call):
+        op_name = getattr(src.op, "name", "")
+        if not float_form and op_name == "relax.astype" and _dtype_of(src) == "int32":
+            inner = src.args[0]
+        elif (
+            float_form
+            and op_name == "relax.dequantize"
+            and _is_const_all(src.args[1], 1.0, var2val)
+            and _is_const_all(src.args[2], 0, var2val)
+        ):
+            inner = src.args[0]
+    if inner is None:
+        if float_form:
+            return None
+        inner = expr  # already int8 / uint8 (after the int8 rewrite)
+    dt = _dtype_of(inner)
+    if dt not in ("int8", "uint8"):
+        return None
+    cv = _const_value(inner, var2val)
+    return _Operand(inner, dt, cv if cv is not None and cv.dtype == np.int8 else None)
+
+
+def _shape(expr: Any) -> list[Any] | None:
+    from tvm import relax
+
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    shape = ty.shape
+    values = getattr(shape, "values", None)
+    return list(values) if values is not None else None
+
+
+def _static(x: Any) -> int | None:
+    from tvm import tirx
+
+    return int(x.value) if isinstance(x, tirx.IntImm) else (int(x) if isinstance(x, int) else None)
+
+
+def _prod(xs: list[Any]) -> Any:
+    out: Any = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def lower_int8_matmuls(mod: Any, target: Any, features: frozenset[str]) -> tuple[Any, list[dict]]:
+    """Relax pass, run after ``_int8_matmul_rewrite`` and BEFORE ``LegalizeOps``.
+
+    Replaces int8/uint8 x int8 -> int32 matmuls (linears with constant weights, attention
+    batch-matmuls ``Q @ K^T`` and ``P @ V``, in the integer and the qdq form) by ``call_tir`` to
+    PrimFuncs that are already scheduled; they carry ``qexport.scheduled`` = True,
+    ``tir.is_scheduled`` and ``op_pattern`` kOpaque (8), so FuseOps and default schedules leave
+    them alone. ``features``: the CPU flags (``/proc/cpuinfo`` spelling) that choose the kernel
+    (:func:`select_strategy`); the ``target`` must enable the same instructions (e.g. ``-mcpu`` =
+    the host CPU): a non-x86 llvm target gets the scalar path. Returns the module and one record
+    per matmul: name, operand shapes/dtypes, form, strategy, weight layout, or why it was left
+    untouched (then the generic schedule handles it).
+    """
+    from tvm import relax
+
+    st = select_strategy(features)
+    kind = getattr(getattr(target, "kind", None), "name", "llvm")
+    keys = {str(k) for k in getattr(target, "keys", [])}
+    if kind != "llvm":
+        return mod, [{"skipped": f"target {kind} is not a CPU llvm target"}]
+    if keys and "cpu" not in keys:
+        return mod, [{"skipped": f"target keys {sorted(keys)} are not cpu"}]
+    triple = str(getattr(target, "attrs", {}).get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        st = STRATEGIES["scalar"]
+    rewriter = _Rewriter(mod, st)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rewriter.var2val = relax.analysis.get_var2val(func)
+            new_func = rewriter.visit_expr(func)
+            rewriter.builder_.update_func(gv, new_func)
+    out = rewriter.builder_.get()
+    return out, rewriter.records
+
+
+def _make_rewriter() -> Any:
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Rewriter(PyExprMutator):  # type: ignore[misc]
+        def __init__(self, mod: Any, st: Strategy) -> None:
+            super().__init__(mod)
+            self.st = st
+            self.records: list[dict] = []
+            self.var2val: dict[Any, Any] = {}
+            self.funcs: dict[tuple, Any] = {}
+
+        def visit_call_(self, op: Any) -> Any:
+            call = super().visit_call_(op)
+            if getattr(call.op, "name", "") != "relax.matmul":
+                return call
+            try:
+                new = self._lower(call)
+            except Exception as exc:  # noqa: BLE001 - leave the matmul to the generic schedule
+                self.records.append({"name": f"matmul{len(self.records)}", "skipped": f"error: {exc}"})
+                return call
+            return call if new is None else new
+
+        def _func(self, key: tuple, build: Any, name: str) -> Any:
+            if key not in self.funcs:
+                self.funcs[key] = self.builder_.add_func(build(), name)
+            return self.funcs[key]
+
+        def _lower(self, call: Any) -> Any:
+            st = self.st
+            rec: dict[str, Any] = {"name": f"matmul{len(self.records)}"}
+            out_dt = _dtype_of(call)
+            float_form = out_dt == "float32"
+            if out_dt not in ("int32", "float32"):
+                return None
+            a = _int_operand(call.args[0], self.var2val, float_form=float_form)
+            b = _int_operand(call.args[1], self.var2val, float_form=float_form)
+            if a is None or b is None:
+                if out_dt == "int32" and {_dtype_of(call.args[0]), _dtype_of(call.args[1])} <= {
+                    "int8",
+                    "uint8",
+                }:
+                    rec["skipped"] = "operand dtypes not int8/uint8 x int8"
+                    self.records.append(rec)
+                return None
+            rec["form"] = "qdq" if float_form else "integer"
+            rec["dtypes"] = [a.dtype, b.dtype]
+            sa, sb = _shape(a.expr), _shape(b.expr)
+            so = _shape(call)
+            rec["shapes"] = [[str(x) for x in s] if s is not None else None for s in (sa, sb)]
+            rec["strategy"] = st.name
+            if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
+                rec["skipped"] = "unknown rank"
+            elif b.dtype != "int8":
+                rec["skipped"] = "right-hand side must be int8"
+            elif _static(sa[-1]) is None and b.const is not None:
+                rec["skipped"] = "symbolic K with a constant weight"
+            if "skipped" in rec:
+                self.records.append(rec)
+                return None
+            assert sa is not None and sb is not None and so is not None
+            k, n = sa[-1], sb[-1]
+            ks, ns = _static(k), _static(n)
+            shift = st.kind == "vnni" and a.dtype == "int8"
+            bb = self.builder_
+            if b.const is not None and len(sb) == 2:
+                # linear: [.., M, K] x [K, N] constant
+                mtot = _prod(sa[:-1])
+                packed, corr = pack_weight(b.const, st, a.dtype == "int8")
+                wexpr, cexpr = relax.const(packed), relax.const(corr)
+                shared = True
+                batch: Any = 1
+                m_rows: Any = mtot
+                rec["kind"] = "linear"
+                rec["weight_layout"] = f"packed {list(packed.shape)} {packed.dtype}" + (
+                    " + corr -128*colsum" if shift else ""
+                )
+            elif (
+                len(sa) == len(sb)
+                and len(sa) >= 3
+                and all(_same(x, y) for x, y in zip(sa[:-2], sb[:-2], strict=True))
+            ):
+                batch = _prod(sa[:-2])
+                m_rows = sa[-2]
+                b3 = bb.emit(relax.op.reshape(b.expr, [batch, sb[-2], n]))
+                pk = self._func(
+                    ("pack", st.name, ks, ns, shift),
+                    lambda: pack_primfunc(st, k=ks, n=ns, shift=shift),
+                    f"qexport_pack_{st.name}",
+                )
+                if st.kind == "scalar":
+                    pshape: list[Any] = [batch, k, n]
+                    cshape: list[Any] = [batch, n]
+                else:
+                    nbk = _ceil_div(n, st.nr)
+                    pshape = [batch, nbk, _ceil_div(k, st.group), st.nr * st.group]
+                    cshape = [batch, nbk * st.nr]
+                packed_t = bb.emit(
+                    relax.call_tir(
+                        pk,
+                        [b3],
+                        [
+                            relax.TensorType(pshape, st.weight_dtype),
+                            relax.TensorType(cshape, "int32"),
+                        ],
+                    )
+                )
+                wexpr = bb.emit(relax.TupleGetItem(packed_t, 0))
+                cexpr = bb.emit(relax.TupleGetItem(packed_t, 1))
+                shared = False
+                rec["kind"] = "batch_matmul"
+                rec["weight_layout"] = "packed per call" + (" + corr -128*colsum" if shift else "")
+            else:
+                rec["skipped"] = "batch dims differ (broadcasting matmul)"
+                self.records.append(rec)
+                return None
+            gemm = self._func(
+                ("gemm", st.name, ks, ns, a.dtype, shared),
+                lambda: gemm_primfunc(st, k=ks, n=ns, a_dtype=a.dtype, shared_b=shared),
+                f"qexport_gemm_{st.name}_{a.dtype}",
+            )
+            a3 = bb.emit(relax.op.reshape(a.expr, [batch, m_rows, k]))
+            c3 = bb.emit(
+                relax.call_tir(gemm, [a3, wexpr, cexpr], relax.TensorType([batch, m_rows, n], "int32"))
+            )
+            out: Any = relax.op.reshape(c3, so)
+            if float_form:
+                out = relax.op.astype(bb.emit(out), "float32")
+            self.records.append(rec)
+            return out
+
+    return Rewriter
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal batch extents: equal ints, or the same symbolic expression."""
+    sx, sy = _static(x), _static(y)
+    if sx is not None or sy is not None:
+        return sx == sy
+    return str(x) == str(y)
+
+
+_REWRITER: Any = None
+
+
+def _Rewriter(mod: Any, st: Strategy) -> Any:  # noqa: N802 - a lazily built class
+    global _REWRITER
+    if _REWRITER is None:
+        _REWRITER = _make_rewriter()
+    return _REWRITER(mod, st)
