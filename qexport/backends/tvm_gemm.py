@@ -425,13 +425,16 @@ def _int_operand(expr: Any, var2val: dict[Any, Any], *, float_form: bool) -> _Op
     inner = None
     if isinstance(src, relax.Call):
         op_name = getattr(src.op, "name", "")
-        if not float_form and op_name == "relax.astype" and _dtype_of(src) == "int32":
-            inner = src.args[0]
-        elif (
-            float_form
-            and op_name == "relax.dequantize"
-            and _is_const_all(src.args[1], 1.0, var2val)
-            and _is_const_all(src.args[2], 0, var2val)
+        if (
+            not float_form
+            and op_name == "relax.astype"
+            and _dtype_of(src) == "int32"
+            or (
+                float_form
+                and op_name == "relax.dequantize"
+                and _is_const_all(src.args[1], 1.0, var2val)
+                and _is_const_all(src.args[2], 0, var2val)
+            )
         ):
             inner = src.args[0]
     if inner is None:
@@ -509,7 +512,7 @@ def _make_rewriter() -> Any:
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     @mutator
-    class Rewriter(PyExprMutator):  # type: ignore[misc]
+    class Rewriter(PyExprMutator):
         def __init__(self, mod: Any, st: Strategy) -> None:
             super().__init__(mod)
             self.st = st
