@@ -104,6 +104,33 @@ def select_strategy(features: Iterable[str]) -> Strategy:
     return STRATEGIES["scalar"]
 
 
+_MATTR_FLAGS = {
+    "+avx2": "avx2",
+    "+avx512f": "avx512f",
+    "+avx512bw": "avx512bw",
+    "+avx512vl": "avx512vl",
+    "+avx512vnni": "avx512_vnni",
+    "+avxvnni": "avx_vnni",
+}
+
+
+def target_features(target: Any, features: Iterable[str]) -> frozenset[str]:
+    """The CPU ``features`` the llvm ``target`` lets LLVM emit.
+
+    A target with ``mcpu`` (qexport builds ``-mcpu`` = the host CPU) keeps ``features``; one
+    without keeps only what its ``mattr`` enables (plain ``llvm`` is baseline x86-64: none); a
+    non-x86 ``mtriple`` gets none (the scalar path).
+    """
+    attrs = getattr(target, "attrs", {})
+    triple = str(attrs.get("mtriple", "") or "")
+    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+        return frozenset()
+    if attrs.get("mcpu", None):
+        return frozenset(features)
+    enabled = {_MATTR_FLAGS[a] for a in (attrs.get("mattr", None) or ()) if a in _MATTR_FLAGS}
+    return frozenset(features) & enabled
+
+
 def _ceil_div(a: Any, b: int) -> Any:
     return (a + b - 1) // b
 
@@ -480,23 +507,22 @@ def lower_int8_matmuls(mod: Any, target: Any, features: frozenset[str]) -> tuple
     PrimFuncs that are already scheduled; they carry ``qexport.scheduled`` = True,
     ``tir.is_scheduled`` and ``op_pattern`` kOpaque (8), so FuseOps and default schedules leave
     them alone. ``features``: the CPU flags (``/proc/cpuinfo`` spelling) that choose the kernel
-    (:func:`select_strategy`); the ``target`` must enable the same instructions (e.g. ``-mcpu`` =
-    the host CPU): a non-x86 llvm target gets the scalar path. Returns the module and one record
-    per matmul: name, operand shapes/dtypes, form, strategy, weight layout, or why it was left
-    untouched (then the generic schedule handles it).
+    (:func:`select_strategy`) among those the ``target`` lets LLVM emit (:func:`target_features`:
+    ``-mcpu`` = the host CPU keeps them all, a non-x86 target gets the scalar path). Returns the
+    module and one record per matmul: name, operand shapes/dtypes, form, kind (linear /
+    batch_matmul), strategy, weight layout, or ``skipped`` with the reason it was left untouched
+    (then the generic schedule handles it). :func:`summarize` condenses them for a sidecar.
     """
     from tvm import relax
 
-    st = select_strategy(features)
     kind = getattr(getattr(target, "kind", None), "name", "llvm")
     keys = {str(k) for k in getattr(target, "keys", [])}
     if kind != "llvm":
         return mod, [{"skipped": f"target {kind} is not a CPU llvm target"}]
     if keys and "cpu" not in keys:
         return mod, [{"skipped": f"target keys {sorted(keys)} are not cpu"}]
-    triple = str(getattr(target, "attrs", {}).get("mtriple", "") or "")
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
-        st = STRATEGIES["scalar"]
+    usable = target_features(target, features)
+    st = select_strategy(usable)
     rewriter = _Rewriter(mod, st)
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
@@ -505,6 +531,21 @@ def lower_int8_matmuls(mod: Any, target: Any, features: frozenset[str]) -> tuple
             rewriter.builder_.update_func(gv, new_func)
     out = rewriter.builder_.get()
     return out, rewriter.records
+
+
+def summarize(records: list[dict]) -> str:
+    """One line for a build sidecar, e.g. ``vnni512: 48 linear, 24 batch_matmul; 0 left``."""
+    done = [r for r in records if "skipped" not in r]
+    left = [r for r in records if "skipped" in r]
+    if not records:
+        return "no int8 matmuls"
+    kinds: dict[str, int] = {}
+    for r in done:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    strategies = sorted({r["strategy"] for r in done}) or ["none"]
+    body = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "nothing lowered"
+    why = sorted({str(r["skipped"]) for r in left})
+    return f"{'/'.join(strategies)}: {body}; {len(left)} left" + (f" ({'; '.join(why)})" if why else "")
 
 
 def _make_rewriter() -> Any:

@@ -349,3 +349,24 @@ def test_non_cpu_target_is_untouched() -> None:
     mod = bb.get()
     new, records = G.lower_int8_matmuls(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_75"}), HOST)
     assert new is mod and records == [{"skipped": "target cuda is not a CPU llvm target"}]
+
+
+def test_target_features_and_summary() -> None:
+    flags = frozenset({"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512vl"})
+    host = tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})
+    assert G.target_features(host, flags) == flags
+    assert G.target_features(tvm.target.Target("llvm"), flags) == frozenset()  # baseline x86-64
+    only_avx2 = tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]})
+    assert G.select_strategy(G.target_features(only_avx2, flags)).name == "madd256"
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    assert G.target_features(arm, flags) == frozenset()
+    records = [
+        {"kind": "linear", "strategy": "vnni512"},
+        {"kind": "linear", "strategy": "vnni512"},
+        {"kind": "batch_matmul", "strategy": "vnni512"},
+        {"skipped": "batch dims differ (broadcasting matmul)"},
+    ]
+    assert G.summarize(records) == (
+        "vnni512: 1 batch_matmul, 2 linear; 1 left (batch dims differ (broadcasting matmul))"
+    )
+    assert G.summarize([]) == "no int8 matmuls"
