@@ -131,6 +131,12 @@ def target_features(target: Any, features: Iterable[str]) -> frozenset[str]:
     return frozenset(features) & enabled
 
 
+def _chunk_rows(k: int | None, mr: int) -> int:
+    """Rows of A per parallel work item: about 192 KiB of A (L2 with one weight panel)."""
+    rows = (192 * 1024) // (k if k is not None else 768)
+    return max(mr, rows // mr * mr)
+
+
 def _ceil_div(a: Any, b: int) -> Any:
     return (a + b - 1) // b
 
@@ -229,7 +235,8 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
     nb = _ceil_div(nn, nr)
     bb = 1 if shared_b else bt
     sb = 0 if shared_b else 1
-    mb = _ceil_div(m, mr)
+    mcr = _chunk_rows(k, mr)  # rows of A per chunk: A chunk + a weight panel stay in L2
+    mcn = _ceil_div(m, mcr)
     acc_n = mr * nr
     assert acc_n * 4 < 1024, "register tile must stay below the stack-alloca limit"
 
@@ -247,8 +254,8 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
         CORR = T.match_buffer(c_in, (bb, nb * nr), "int32")
         C = T.match_buffer(c, (bt, m, nn), "int32")
         with T.sblock("root"):
-            for p in T.parallel(bt * nb):
-                for blk in range(mb):
+            for p in T.parallel(bt * mcn * nb):
+                for blk in range(_ceil_div(T.min(mcr, m - ((p // nb) % mcn) * mcr), mr)):
                     with T.sblock("tile"):
                         T.reads(A[0:bt, 0:m, 0:kk], W[0:bb, 0:nb, 0:kg, 0 : nr * g], CORR[0:bb, 0 : nb * nr])
                         T.writes(C[0:bt, 0:m, 0:nn])
@@ -257,15 +264,27 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
                         for i in T.unroll(mr):
                             for v in T.unroll(nv):
                                 acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = CORR[
-                                    (p // nb) * sb, T.ramp((p % nb) * nr + v * lanes, 1, lanes)
+                                    (p // (mcn * nb)) * sb, T.ramp((p % nb) * nr + v * lanes, 1, lanes)
                                 ]
                         for q in range(kf):
                             for i in T.unroll(mr):
                                 for v in T.unroll(nv):
                                     acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
                                         acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
-                                        _load_group(T, A, p // nb, T.min(blk * mr + i, m - 1), q * g, vnni),
-                                        W[(p // nb) * sb, p % nb, q, T.ramp(v * lanes * g, 1, lanes * g)],
+                                        _load_group(
+                                            T,
+                                            A,
+                                            p // (mcn * nb),
+                                            T.min(((p // nb) % mcn) * mcr + blk * mr + i, m - 1),
+                                            q * g,
+                                            vnni,
+                                        ),
+                                        W[
+                                            (p // (mcn * nb)) * sb,
+                                            p % nb,
+                                            q,
+                                            T.ramp(v * lanes * g, 1, lanes * g),
+                                        ],
                                     )
                         if kf < kg:
                             # last, partial k group: bytes beyond K are zero (weights are zero there)
@@ -273,21 +292,32 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
                                 tail[i] = 0
                                 for t in range(kk - kf * g):
                                     tail[i] = tail[i] | _tail_elem(
-                                        T, A, p // nb, T.min(blk * mr + i, m - 1), kf * g + t, t, vnni
+                                        T,
+                                        A,
+                                        p // (mcn * nb),
+                                        T.min(((p // nb) % mcn) * mcr + blk * mr + i, m - 1),
+                                        kf * g + t,
+                                        t,
+                                        vnni,
                                     )
                             for i in T.unroll(mr):
                                 for v in T.unroll(nv):
                                     acc[T.ramp((i * nv + v) * lanes, 1, lanes)] = mac(
                                         acc[T.ramp((i * nv + v) * lanes, 1, lanes)],
                                         tail[i],
-                                        W[(p // nb) * sb, p % nb, kf, T.ramp(v * lanes * g, 1, lanes * g)],
+                                        W[
+                                            (p // (mcn * nb)) * sb,
+                                            p % nb,
+                                            kf,
+                                            T.ramp(v * lanes * g, 1, lanes * g),
+                                        ],
                                     )
                         if (p % nb) * nr + nr <= nn:
                             for i in T.unroll(mr):
                                 for v in T.unroll(nv):
                                     C[
-                                        p // nb,
-                                        T.min(blk * mr + i, m - 1),
+                                        p // (mcn * nb),
+                                        T.min(((p // nb) % mcn) * mcr + blk * mr + i, m - 1),
                                         T.ramp((p % nb) * nr + v * lanes, 1, lanes),
                                     ] = acc[T.ramp((i * nv + v) * lanes, 1, lanes)]
                         else:
@@ -299,9 +329,11 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
                                     ]
                             for i in T.unroll(mr):
                                 for j in range(nn - (p % nb) * nr):
-                                    C[p // nb, T.min(blk * mr + i, m - 1), (p % nb) * nr + j] = spill[
-                                        i * nr + j
-                                    ]
+                                    C[
+                                        p // (mcn * nb),
+                                        T.min(((p // nb) % mcn) * mcr + blk * mr + i, m - 1),
+                                        (p % nb) * nr + j,
+                                    ] = spill[i * nr + j]
 
     return gemm
 

@@ -109,11 +109,13 @@ def test_gemm_exact_dynamic_m(name: str, a_dtype: str, k: int, n: int) -> None:
 
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_gemm_extreme_corners(name: str) -> None:
-    """All-corner operands: the largest |sums| of each sign (the +128 shift's worst case)."""
+    """All-corner operands: the largest |sums| of each sign (the +128 shift's worst case), M > 2 chunks."""
     st = G.STRATEGIES[name]
     k, n = 771, 35
     lib = _build(G.gemm_primfunc(st, k=k, n=n, a_dtype="int8", shared_b=True))
-    a = np.stack([np.full(k, -128), np.full(k, 127), np.full(k, -128), np.zeros(k)]).astype(np.int8)[None]
+    rows = np.stack([np.full(k, -128), np.full(k, 127), np.full(k, -128), np.zeros(k)]).astype(np.int8)
+    a = np.tile(rows, (131, 1))[None, :521]  # 521 rows: three row chunks of the parallel loop
+    assert G._chunk_rows(k, st.mr) < 521 // 2
     w = np.tile(np.array([-128, 127], np.int8), (k, n))[:, :n].copy()
     w[:, 0] = -128
     packed, corr = G.pack_weight(w, st, a_signed=True)
