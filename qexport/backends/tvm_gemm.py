@@ -37,10 +37,13 @@ integer product reduced modulo 2^32: identical to any int32-accumulating referen
 ``MatMulInteger``) for every K, and equal to the true product whenever it fits in int32
 (always for |a|, |w| <= 128 and K < 131072; uint8 activations: K <= 65793).
 
-Tiling: every PrimFunc runs ``parallel(batch x N/NR)`` panels, ``M`` in blocks of ``MR`` rows (the
-last block clamps its row index, recomputing a row rather than branching), an ``MR x NR``
-register tile of int32 accumulators, and the full K loop inside. ``M`` (batch*seq), the batch
-and, for activation right-hand sides, ``K``/``N`` may be symbolic.
+Tiling: the parallel work items are (batch, chunk of ~192 KiB of A rows, NR-column weight panel),
+panels innermost so a thread keeps its A chunk in L2 while it walks the panels; inside, ``MR``-row
+blocks (the last block clamps its row index, recomputing a row rather than branching) hold an
+``MR x NR`` register tile of int32 accumulators (3 x 64 for AVX-512: 12 zmm) over the full K loop;
+N tails are stored through a guarded copy. ``M`` (batch*seq), the batch and, for activation
+right-hand sides, ``K``/``N`` may be symbolic. The tile stays below 1 KiB so TVM keeps it on the
+stack (larger local buffers become heap workspaces) and LLVM promotes it to registers.
 """
 
 from __future__ import annotations
