@@ -263,25 +263,30 @@ def _attn_graph(path: Path, linear: str) -> Path:
     return path
 
 
-def _lowered(path: Path, features: frozenset[str]) -> tuple[Any, list[dict]]:
+def _lowered(
+    path: Path, features: frozenset[str], shapes: tuple[int, int] | None = None
+) -> tuple[Any, list[dict]]:
     import onnx
     from tvm.relax.frontend.onnx import from_onnx
 
     from qexport.backends.tvm import _flatten_onnx, _int8_matmul_rewrite
 
-    mod = from_onnx(_flatten_onnx(onnx.load(str(path))), keep_params_in_input=False)
+    shape_dict = None if shapes is None else {"x": [shapes[0], shapes[1], HID]}
+    mod = from_onnx(_flatten_onnx(onnx.load(str(path))), shape_dict=shape_dict, keep_params_in_input=False)
     mod, _ = _int8_matmul_rewrite(mod)
     return G.lower_int8_matmuls(mod, _target(), features)
 
 
-def _check_against_ort(path: Path, mod: Any) -> None:
+def _check_against_ort(
+    path: Path, mod: Any, sizes: tuple[tuple[int, int], ...] = ((2, 9), (1, 1), (3, 20))
+) -> None:
     import onnxruntime as ort
     from tvm import relax
 
     vm = relax.VirtualMachine(tvm.compile(mod, _target()), tvm.cpu())
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
-    for batch, seq in ((2, 9), (1, 1), (3, 20)):
+    for batch, seq in sizes:
         x = _extreme(rng, (batch, seq, HID), "int8")
         got = vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
         ref = sess.run(["y", "s32"], {"x": x})
@@ -310,6 +315,15 @@ def test_lower_module_forced_paths_match_ort(tmp_path: Path, features: frozenset
     mod, records = _lowered(path, features)
     assert {r["strategy"] for r in records} == {G.select_strategy(features).name}
     _check_against_ort(path, mod)
+
+
+def test_lower_module_static_shapes_matches_ort(tmp_path: Path) -> None:
+    """``qexport tvm --shapes`` imports static batch/seq: the same kernels, M a constant."""
+    path = _attn_graph(tmp_path / "integer.onnx", "integer")
+    mod, records = _lowered(path, HOST, shapes=(2, 9))
+    assert len(records) == 5 and all("skipped" not in r for r in records)
+    assert records[0]["shapes"][0] == ["T.int64(2)", "T.int64(9)", f"T.int64({HID})"]
+    _check_against_ort(path, mod, sizes=((2, 9),))
 
 
 def test_broadcasting_batch_matmul_is_left_alone() -> None:
