@@ -195,10 +195,33 @@ def _dtype_bits(sch: Any, block: Any) -> int:
     return max(bits)
 
 
+def _divides_at_runtime(sch: Any, block: Any) -> bool:
+    """Whether ``block`` divides by a value that is not a constant.
+
+    x86 has no vector integer division: LLVM splits such a vector into one scalar division per
+    lane, and long integer chains (i-GELU, i-exp) then take minutes to compile for no speed.
+    """
+    import tvm_ffi
+    from tvm import tirx
+
+    found = False
+
+    def visit(node: Any) -> None:
+        nonlocal found
+        if not isinstance(node.b, (tirx.IntImm, tirx.FloatImm)) and "int" in str(node.ty):
+            found = True
+
+    stmt = sch.get(block)
+    tvm_ffi.structural_walk(
+        stmt.body, [(cls, visit) for cls in (tirx.Div, tirx.FloorDiv, tirx.FloorMod, tirx.Mod)], order="post"
+    )
+    return found
+
+
 def _vectorize_inner(sch: Any, block: Any, vbits: int) -> bool:
     """Vectorise the innermost spatial loop of ``block`` (split to the vector width)."""
     loops = sch.get_loops(block)
-    if not loops:
+    if not loops or _divides_at_runtime(sch, block):
         return False
     inner = loops[-1]
     if _iter_kinds(sch, block)[-1:] != ["S"]:
@@ -263,10 +286,89 @@ def _leading_spatial(kinds: list[str]) -> int:
     return n
 
 
-def _inline_all(sch: Any, infos: list[Any]) -> list[Any]:
-    from tvm.s_tir.dlight.base import try_inline
+_INLINE_MAX_NODES = 24
 
-    return try_inline(sch, list(infos))
+
+def _expr_nodes(stmt: Any) -> int:
+    import tvm_ffi
+    from tvm.ir.expr import Expr as PrimExpr
+
+    n = 0
+
+    def visit(_node: Any) -> None:
+        nonlocal n
+        n += 1
+
+    tvm_ffi.structural_walk(stmt, [(PrimExpr, visit)], order="post")
+    return n
+
+
+def _loads_of(sch: Any, buffer: Any) -> int:
+    """How many ``BufferLoad`` of ``buffer`` the function holds (reads that inlining would copy)."""
+    import tvm_ffi
+    from tvm.ir.expr import TensorLoad
+
+    n = 0
+
+    def visit(node: Any) -> None:
+        nonlocal n
+        if node.source.same_as(buffer):
+            n += 1
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, [(TensorLoad, visit)], order="post")
+    return n
+
+
+def _reverse_inline_ok(sch: Any, block: Any) -> bool:
+    """Reverse-inlining ``block`` copies no expression: it reads each input at one place."""
+    return all(_loads_of(sch, r.source) <= 1 for r in sch.get(block).reads)
+
+
+def _inline_all(sch: Any, infos: list[Any]) -> list[Any]:
+    """dlight's ``try_inline``, minus inlinings that would copy a large expression.
+
+    Inlining a block whose value is read several times copies its expression at each read; the
+    integer chains (i-GELU, i-exp: ``abs``, ``sign``, the value itself...) then grow
+    exponentially and LLVM takes minutes on them. Such a block stays, computed under the
+    consumer's parallel loop by the rules below.
+    """
+    blocks = list(infos)
+
+    def cheap(block: Any) -> bool:
+        stmt = sch.get(block)
+        if len(stmt.writes) != 1:
+            return False
+        return _expr_nodes(stmt.body) <= _INLINE_MAX_NODES or _loads_of(sch, stmt.writes[0].source) <= 1
+
+    def reverse_cheap(block: Any) -> bool:
+        return _reverse_inline_ok(sch, block)
+
+    changed = True
+    while changed:
+        changed = False
+        for i, info in enumerate(blocks):
+            if not cheap(info.block_rv):
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - not inlinable (output block, reduction)
+                continue
+            blocks.pop(i)
+            changed = True
+            break
+        if changed:
+            continue
+        for i, info in enumerate(blocks):
+            if not reverse_cheap(info.block_rv):
+                continue
+            try:
+                sch.reverse_compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - not inlinable
+                continue
+            blocks.pop(i)
+            changed = True
+            break
+    return blocks
 
 
 def _normalize(sch: Any) -> list[Any] | None:
@@ -295,14 +397,8 @@ def _rule_matmul(func: Any, vbits: int) -> Any | None:
     if len(stmt.reads) != 2 or get_index_map(stmt) is None:
         return None
     main_name = stmt.name_hint
-    # producers (casts, transposes) into the matmul; consumers stay for the epilogue
-    for info in infos:
-        if sch.get(info.block_rv).name_hint == main_name:
-            continue
-        try:
-            sch.compute_inline(info.block_rv)
-        except Exception:  # noqa: BLE001 - not a pure producer: it stays
-            pass
+    # cheap producers (casts, transposes) into the matmul, cheap epilogue blocks into each other
+    _inline_all(sch, infos)
     main = sch.get_sblock(main_name)
     kinds = _iter_kinds(sch, main)
     loops = sch.get_loops(main)
@@ -333,21 +429,29 @@ def _rule_matmul(func: Any, vbits: int) -> Any | None:
         name = sch.get(blk).name_hint
         if name in (main_name, local_name):
             continue
-        try:
-            sch.reverse_compute_inline(sch.get_sblock(name))
-        except Exception:  # noqa: BLE001 - a consumer that cannot be inlined is scheduled alone
-            rest.append(name)
+        if not rest and _reverse_inline_ok(sch, sch.get_sblock(name)):
+            try:
+                sch.reverse_compute_inline(sch.get_sblock(name))
+                continue
+            except Exception:  # noqa: BLE001 - a consumer that cannot be inlined is scheduled alone
+                pass
+        rest.append(name)
     local = sch.get_sblock(local_name)
     sch.reverse_compute_at(local, jo, preserve_unit_loops=True)
     if lanes:
         sch.vectorize(ji)
-        wb_inner = sch.get_loops(local)[-1]
-        sch.vectorize(wb_inner)
+        if not _divides_at_runtime(sch, local):
+            sch.vectorize(sch.get_loops(local)[-1])
     init = sch.decompose_reduction(main, k)
     if lanes:
         sch.vectorize(sch.get_loops(init)[-1])
-    for name in rest:
-        _parallel_outer(sch, sch.get_sblock(name), vbits)
+    for name in rest:  # epilogue blocks that stay: per row tile, under the parallel loop
+        blk = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(blk, outer, preserve_unit_loops=True)
+            _vectorize_inner(sch, blk, vbits)
+        except Exception:  # noqa: BLE001 - not computable per tile: a parallel loop of its own
+            _parallel_outer(sch, blk, vbits)
     sch.unroll(ii)
     return sch
 
@@ -386,12 +490,36 @@ def _rule_elementwise(func: Any, vbits: int) -> Any | None:
     if infos is None or not all(b.is_injective() for b in infos):
         return None
     infos = _inline_all(sch, infos)
-    if len(infos) != 1:
-        return None
-    blk = infos[0].block_rv
+    blk = infos[-1].block_rv
     if not sch.get_loops(blk):
         return None
-    _parallel_outer(sch, blk, vbits)
+    if len(infos) == 1:
+        _parallel_outer(sch, blk, vbits)
+        return sch
+    return _chain(sch, [b.block_rv for b in infos], vbits)
+
+
+def _chain(sch: Any, blocks: list[Any], vbits: int) -> Any | None:
+    """Blocks that stay separate: parallel over the last block's leading spatial loops (rows),
+    the others computed per row under that loop, injective blocks vectorised."""
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    if any("O" in k for k in kinds):
+        return None
+    lead = min(_leading_spatial(k) for k in kinds)
+    last = blocks[-1]
+    n_last = len(sch.get_loops(last))
+    if "R" not in kinds[-1] and n_last >= 2:
+        lead = min(lead, n_last - 1)
+    if lead == 0:
+        return None
+    outer = sch.get_loops(last)[:lead]
+    spatial = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(spatial)
+    for blk in reversed(blocks[:-1]):
+        sch.compute_at(blk, spatial, preserve_unit_loops=True)
+    for blk, k in zip(blocks, kinds, strict=True):
+        if "R" not in k:
+            _vectorize_inner(sch, blk, vbits)
     return sch
 
 
@@ -420,27 +548,17 @@ def _rule_reduction(func: Any, vbits: int) -> Any | None:
         if len(s) >= 2 and all(e is not None and e <= 8 for e in r_ext):
             # short fold: reduce outside the innermost spatial loop, vectorise that loop
             sch.reorder(*s[:-1], *r, s[-1])
-            init = sch.decompose_reduction(last, r[0])
-            _vectorize_inner(sch, init, vbits)
-            _vectorize_inner(sch, last, vbits)
-            loops = sch.get_loops(init)
             outer = s[:-1]
             sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            if _vectorize_inner(sch, last, vbits):
+                init = sch.decompose_reduction(last, r[0])
+                _vectorize_inner(sch, init, vbits)
             return sch
         sch.reorder(*s, *r)
         outer = s[: lead]
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
-    loops = sch.get_loops(last)
-    outer = loops[:lead]
-    spatial = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(spatial)
-    for blk in reversed(blocks[:-1]):
-        sch.compute_at(blk, spatial, preserve_unit_loops=True)
-    for blk, k in zip(blocks, kinds, strict=True):
-        if "R" not in k:
-            _vectorize_inner(sch, blk, vbits)
-    return sch
+    return _chain(sch, blocks, vbits)
 
 
 def _rule_fallback(func: Any, vbits: int) -> Any | None:
