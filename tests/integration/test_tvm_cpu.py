@@ -85,8 +85,8 @@ def test_minilm_integer_dynamic_bit_exact(dyn_integer: Path, rt_cases) -> None: 
 def test_minilm_sidecar_records_rules(dyn_integer: Path) -> None:
     meta = json.loads((dyn_integer / "tvm.json").read_text())
     rules = meta["cpu_schedules"]
-    # 6 layers x (Q, K, V, O, FFN up/down) linears + attention matmuls + classifier: all scheduled
-    assert rules["matmul"] >= 6 * 6
+    # distinct PrimFuncs (layers that compile alike share one): linears, attention, pooler, head
+    assert rules["matmul"] >= 8
     assert rules["elementwise"] > 0 and rules["reduction"] > 0
     assert rules.get("unscheduled", 0) <= 5  # scalar shape arithmetic only
     assert meta["relax_rewrites"]["minmax_stack"] > 0 and meta["relax_rewrites"]["take_clip"] > 0
