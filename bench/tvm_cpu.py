@@ -127,7 +127,8 @@ def main() -> None:
         if args.checkpoint:
             models.append((args.checkpoint.name, args.checkpoint))
         else:
-            ck = post_training_quantize("minilm", data="rt", calib_batches=2, max_length=64, out_dir=work / "minilm")
+            ck = post_training_quantize("minilm", data="rt", calib_batches=2, max_length=64,
+                                        out_dir=work / "minilm")
             models.append(("MiniLM", ck))
         if args.roberta:
             ck = post_training_quantize("random:roberta-base", calib_batches=1, max_length=64,
@@ -143,7 +144,8 @@ def main() -> None:
             print("|---:|---:|---:|---:|---:|---:|---:|")
             for threads in args.threads:
                 env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-                cmd = [sys.executable, __file__, "--worker", "--threads", str(threads), "--seq", str(args.seq),
+                cmd = [sys.executable, __file__, "--worker", "--threads", str(threads),
+                       "--seq", str(args.seq),
                        "--iters", str(args.iters), "--scheduled", built["scheduled"],
                        "--unscheduled", built["unscheduled"], "--onnx", built["onnx"],
                        "--batch", *map(str, args.batch)]
@@ -154,7 +156,8 @@ def main() -> None:
                     continue
                 for batch, ms in json.loads(line[0][7:]).items():
                     s, u, o = ms["scheduled"], ms["unscheduled"], ms["ort"]
-                    print(f"| {threads} | {batch} | {s:.1f} | {u:.1f} | {o:.1f} | {u / s:.1f}x | {o / s:.2f}x |")
+                    print(f"| {threads} | {batch} | {s:.1f} | {u:.1f} | {o:.1f} "
+                          f"| {u / s:.1f}x | {o / s:.2f}x |")
             if args.profile:
                 print(f"\nscheduled build, batch {max(args.batch)}, top 10 PrimFuncs:\n")
                 print(profile(Path(built["scheduled"]), max(args.batch), args.seq))

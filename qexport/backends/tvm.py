@@ -646,7 +646,8 @@ class TVMBackend(Backend):
                     (tmp / junk).unlink(missing_ok=True)
             else:
                 cpu_meta = self._compile_llvm(
-                    mod, target, model, out_dir, tmp, shapes=shapes, schedule=schedule, tune=tune, tune_db=tune_db
+                    mod, target, model, out_dir, tmp,
+                    shapes=shapes, schedule=schedule, tune=tune, tune_db=tune_db,
                 )
             meta = {
                 "backend": "tvm",
@@ -728,14 +729,16 @@ class TVMBackend(Backend):
         pipeline = tvm_cpu.cpu_pipeline(target, info, schedule=schedule, database=database)
         ex = tvm.compile(mod, target, relax_pipeline=pipeline)
         ex.export_library(str(tmp / LIB_NAME))
-        out = info.as_json() if schedule else {"cpu_schedules": None}
+        out: dict[str, Any] = info.as_json() if schedule else {"cpu_schedules": None}
         out["tuning"] = tuning
-        if info.gemm:
-            kinds = sorted({str(r.get("strategy", "?")) for r in info.gemm})
-            out["int8_matmul_strategy"] = f"llvm: qexport int8 GEMM kernels ({', '.join(kinds)}; int32 accumulate)"
+        if info.gemm_summary:
+            out["int8_matmul_strategy"] = (
+                f"llvm: qexport int8 GEMM kernels, int32 accumulate ({info.gemm_summary})"
+            )
         elif schedule and info.rules.get("matmul"):
             out["int8_matmul_strategy"] = (
-                "llvm: generic matmul schedule (4 rows x one vector of columns, parallel rows, int32 accumulate)"
+                "llvm: generic matmul schedule (4 rows x one vector of columns, parallel rows, "
+                "int32 accumulate)"
             )
         return out
 

@@ -424,7 +424,7 @@ def _rule_matmul(func: Any, vbits: int) -> Any | None:
     local = sch.cache_write(main, 0, "local")
     local_name = sch.get(local).name_hint
     # epilogue consumers (bias add, requantisation, casts) go into the tile's write-back
-    rest = []
+    rest: list[str] = []
     for blk in sch.get_child_blocks(_root(sch)):
         name = sch.get(blk).name_hint
         if name in (main_name, local_name):
@@ -637,6 +637,7 @@ class BuildInfo:
         self.rewrites: dict[str, int] = {}
         self.gemm: list[dict[str, Any]] = []
         self.gemm_available = False
+        self.gemm_summary = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -656,6 +657,9 @@ def prepare(mod: Any, target: Any, info: BuildInfo, features: frozenset[str]) ->
     if gemm is not None:
         mod, records = gemm.lower_int8_matmuls(mod, target, features)
         info.gemm = [dict(r) for r in records]
+        if any("skipped" not in r for r in info.gemm):
+            summarize = getattr(gemm, "summarize", None)
+            info.gemm_summary = str(summarize(info.gemm)) if summarize else f"{len(info.gemm)} kernels"
     return mod
 
 

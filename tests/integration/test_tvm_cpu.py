@@ -258,7 +258,8 @@ def test_tuning_db_for_other_shapes_is_refused(edge: Path, tmp_path: Path) -> No
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.json").write_text("{}")
     with pytest.raises(BackendError, match="not a qexport tuning database"):
-        TVMBackend().compile(edge, tmp_path / "a", target="llvm", shapes={"batch": 4}, tune_db=tmp_path / "junk")
+        TVMBackend().compile(edge, tmp_path / "a", target="llvm", shapes={"batch": 4},
+                             tune_db=tmp_path / "junk")
     # the database of these shapes applies (no records yet: default schedules, same answers)
     art = TVMBackend().compile(edge, tmp_path / "b", target="llvm", shapes={"batch": 4}, tune_db=db)
     meta = json.loads((art / "tvm.json").read_text())
