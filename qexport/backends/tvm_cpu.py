@@ -759,22 +759,37 @@ def open_database(db_dir: Path, key: Mapping[str, Any], *, create: bool) -> Any 
 
 
 def tune(mod: Any, target: Any, db_dir: Path, trials: int, key: Mapping[str, Any]) -> Any:
-    """MetaSchedule-tune the fused module's PrimFuncs (``trials`` in total) into ``db_dir``."""
+    """MetaSchedule-tune the fused module's PrimFuncs (``trials`` in total) into ``db_dir``.
+
+    The kernels :mod:`qexport.backends.tvm_gemm` already scheduled are not tuning tasks (no
+    record is made for them, so applying the database leaves them as they are).
+    """
     check_tune_deps()
     from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import relax_integration as ri
 
     database = open_database(db_dir, key, create=True)
     work = db_dir / "logs"
     work.mkdir(parents=True, exist_ok=True)
-    with target:
-        ms.tir_integration.tune_tir  # noqa: B018 - imported for its registration side effects
-        ms.relax_integration.tune_relax(
-            mod=mod,
-            params={},
-            target=target,
-            work_dir=str(work),
-            max_trials_global=trials,
-            max_trials_per_task=max(trials // 4, 1),
-            database=database,
-        )
+    extracted = [
+        t for t in ri.extract_tasks(mod, target)
+        if not any(_is_marked(f) for f in t.dispatched[0].functions.values())
+    ]
+    if not extracted:
+        return database
+    contexts, weights = ri.extracted_tasks_to_tune_contexts(extracted, str(work))
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work),
+        max_trials_global=trials,
+        max_trials_per_task=max(trials // max(len(contexts), 1), 1),
+        num_trials_per_iter=min(64, trials),
+        database=database,
+    )
     return database
+
+
+def _is_marked(func: Any) -> bool:
+    attrs = getattr(func, "attrs", None) or {}
+    return SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR])

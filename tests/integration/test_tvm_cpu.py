@@ -269,6 +269,19 @@ def test_tuning_db_for_other_shapes_is_refused(edge: Path, tmp_path: Path) -> No
     np.testing.assert_array_equal(TVMBackend().load(art, "cpu").run(feeds)["out"], want)
 
 
+def test_tune_without_metaschedule_deps_is_one_error(edge: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    missing = [m for m in ("psutil", "cloudpickle", "xgboost") if importlib.util.find_spec(m) is None]
+    if not missing:
+        pytest.skip("MetaSchedule's dependencies are installed")
+    from qexport.backends.tvm import TVMBackend
+
+    with pytest.raises(BackendError, match=f"MetaSchedule tuning needs {missing[0]}"):
+        TVMBackend().compile(edge, tmp_path / "t", target="llvm", shapes={"batch": 2}, tune=4)
+    assert not (tmp_path / "t").exists()
+
+
 @pytest.mark.slow
 def test_metaschedule_tuning_roundtrip(edge: Path, tmp_path: Path) -> None:
     """A handful of MetaSchedule trials, then a rebuild that reuses the database; exact."""
