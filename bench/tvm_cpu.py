@@ -10,7 +10,8 @@ unscheduled one (``schedule=False``), timing each build. Then, for each thread c
 subprocess (``TVM_NUM_THREADS`` must be set before TVM starts its pool) times the two TVM
 libraries and qexport's ORT backend on random token ids, interleaved (one run of each in turn,
 ``iters`` times), and prints medians and the ratios unscheduled / scheduled and ORT / scheduled.
-``--profile``: the scheduled library's ten slowest PrimFuncs (Relax VM profiler), largest batch.
+``--profile``: the scheduled library's ten slowest functions (a Relax VM instrument times each
+call), largest batch.
 """
 
 from __future__ import annotations
@@ -59,28 +60,32 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def profile(lib_dir: Path, batch: int, seq: int, top: int = 10) -> str:
-    """The ``top`` slowest PrimFuncs of one run (Relax VM profiler), as a markdown table."""
+    """The ``top`` slowest functions of one run (timed by a Relax VM instrument), as markdown."""
     import tvm
     from tvm import relax
 
     meta = json.loads((lib_dir / "tvm.json").read_text())
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_dir / "lib.so")), tvm.cpu(0), profile=True)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_dir / "lib.so")), tvm.cpu(0))
     feeds = _feeds(batch, seq)
     args = [tvm.runtime.tensor(feeds[i["name"]].astype(i["dtype"])) for i in meta["inputs"]]
     vm["main"](*args)
-    report = vm.profile("main", *args)
-    rows = json.loads(report.json())["calls"]
     per: dict[str, list[float]] = {}
-    for row in rows:
-        name = str(row["Name"]["string"] if isinstance(row["Name"], dict) else row["Name"])
-        dur = row["Duration (us)"]
-        us = float(dur["microseconds"] if isinstance(dur, dict) else dur)
-        per.setdefault(name, []).append(us)
+    started: list[float] = []
+
+    def instrument(_func: Any, name: str, before: bool, _ret: Any, *_args: Any) -> int:
+        if before:
+            started.append(time.perf_counter())
+        else:
+            per.setdefault(str(name), []).append(time.perf_counter() - started.pop())
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    vm["main"](*args)
     total = sum(sum(v) for v in per.values())
     ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]
-    out = ["| PrimFunc | calls | ms | share |", "|---|---:|---:|---:|"]
-    for name, us in ranked:
-        out.append(f"| {name[:70]} | {len(us)} | {sum(us) / 1000:.2f} | {sum(us) / total:.0%} |")
+    out = ["| function | calls | ms | share |", "|---|---:|---:|---:|"]
+    for name, secs in ranked:
+        out.append(f"| {name[:70]} | {len(secs)} | {sum(secs) * 1000:.2f} | {sum(secs) / total:.0%} |")
     return "\n".join(out)
 
 
