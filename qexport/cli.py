@@ -189,6 +189,8 @@ def tvm(
     target: Annotated[str, typer.Option(help="llvm, cuda, t4, h100 or a JSON target")] = "llvm",
     shapes: Annotated[str | None, typer.Option(help="batch=8,seq=128 (default: dynamic)")] = None,
     output: Out = None,
+    tune: Annotated[int, typer.Option(help="MetaSchedule trials (llvm, static --shapes; 0: no tuning)")] = 0,
+    tune_db: Annotated[Path | None, typer.Option(help="tuning database dir (default: OUT/tune-db)")] = None,
 ) -> None:
     """Compile an ONNX model with Apache TVM into a shared library + sidecar."""
     from qexport.backends import get_backend
@@ -196,7 +198,8 @@ def tvm(
     out = output or model.with_suffix("").with_name(model.stem + f".tvm-{target.replace('/', '_')[:20]}")
     sh = _shapes(shapes)
     path = get_backend("tvm").compile(
-        model, out, target=target, shapes=None if sh is None else {k: int(v) for k, v in sh.items()}
+        model, out, target=target, shapes=None if sh is None else {k: int(v) for k, v in sh.items()},
+        tune=tune, tune_db=tune_db,
     )
     typer.echo(f"wrote {path}")
 

@@ -580,12 +580,21 @@ class TVMBackend(Backend):
     def _compile_impl(self, model: Path, output: Path | None, **options: Any) -> Path:
         target_opt = options.pop("target", "llvm")
         shapes = options.pop("shapes", None)
+        schedule = bool(options.pop("schedule", os.environ.get("QEXPORT_TVM_SCHEDULE", "1") != "0"))
+        tune = int(options.pop("tune", 0) or 0)
+        tune_db = options.pop("tune_db", None)
         if options:
             raise BackendError(f"unknown tvm compile options {sorted(options)}")
         if shapes is not None:
             shapes = {str(k): int(v) for k, v in dict(shapes).items()}
             if any(v <= 0 for v in shapes.values()):
                 raise BackendError(f"shapes must be positive, got {shapes}")
+        if tune < 0:
+            raise BackendError(f"tune must be >= 0 trials, got {tune}")
+        if tune and shapes is None:
+            raise BackendError(
+                "tuning needs static shapes", hint="give shapes, e.g. --shapes batch=8,seq=128"
+            )
         out_dir = Path(output) if output is not None else model.with_suffix("").with_name(model.stem + "_tvm")
         t0 = time.time()
 
@@ -596,11 +605,17 @@ class TVMBackend(Backend):
         from tvm.relax.frontend.onnx import from_onnx
 
         spec, notes = _resolve_target_spec(target_opt)
+        if isinstance(spec, Mapping) and spec.get("kind") == "llvm":
+            from qexport.backends import tvm_cpu
+
+            spec = tvm_cpu.llvm_target_spec(spec)
         try:
             target = tvm.target.Target(spec)
         except Exception as exc:  # noqa: BLE001
             raise BackendError(f"bad tvm target {target_opt!r}: {str(exc).splitlines()[-1]}") from None
         is_cuda = target.kind.name == "cuda"
+        if (tune or tune_db is not None) and target.kind.name != "llvm":
+            raise BackendError(f"tuning is implemented for llvm targets only, not {target.kind.name}")
 
         onnx_model = _flatten_onnx(onnx.load(str(model)))
         shape_dict, inputs = _shape_dict(onnx_model, shapes)
@@ -619,6 +634,7 @@ class TVMBackend(Backend):
         try:
             fatbin_bytes = 0
             cuda_src = ""
+            cpu_meta: dict[str, Any] = {}
             if is_cuda:
                 arch = str(target.attrs.get("arch", "sm_75"))
                 with _cheap_inspect_stack():
@@ -629,8 +645,10 @@ class TVMBackend(Backend):
                 for junk in ("kernels.cu", "kernels.fatbin"):
                     (tmp / junk).unlink(missing_ok=True)
             else:
-                ex = tvm.compile(mod, target)
-                ex.export_library(str(tmp / LIB_NAME))
+                cpu_meta = self._compile_llvm(
+                    mod, target, model, out_dir, tmp,
+                    shapes=shapes, schedule=schedule, tune=tune, tune_db=tune_db,
+                )
             meta = {
                 "backend": "tvm",
                 "tvm_version": str(tvm.__version__),
@@ -653,6 +671,8 @@ class TVMBackend(Backend):
                 "int8_matmul_strategy": _matmul_strategy(cuda_src, is_cuda, n_int8, tensorize),
                 "host": platform.machine(),
             }
+            if not is_cuda:
+                meta.update(cpu_meta)
             (tmp / SIDECAR_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
             if out_dir.exists():
                 old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
@@ -665,6 +685,62 @@ class TVMBackend(Backend):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return out_dir
+
+    @staticmethod
+    def _compile_llvm(
+        mod: Any,
+        target: Any,
+        model: Path,
+        out_dir: Path,
+        tmp: Path,
+        *,
+        shapes: dict[str, int] | None,
+        schedule: bool,
+        tune: int,
+        tune_db: Path | str | None,
+    ) -> dict[str, Any]:
+        """The llvm build (:mod:`qexport.backends.tvm_cpu`): writes ``tmp/lib.so``; sidecar fields."""
+        import tvm
+
+        from qexport.backends import tvm_cpu
+
+        info = tvm_cpu.BuildInfo()
+        tuning: dict[str, Any] | None = None
+        database = None
+        if schedule:
+            mod = tvm_cpu.prepare(mod, target, info, frozenset(_host_cpu_flags()))
+        mod = tvm_cpu.fused(mod, target)
+        if tune or tune_db is not None:
+            key = tvm_cpu.tune_key(target, shapes)
+            default_db = tune_db is None or Path(tune_db).resolve() == (out_dir / "tune-db").resolve()
+            db_dir = tmp / "tune-db" if default_db else Path(tune_db)  # type: ignore[arg-type]
+            if default_db and (out_dir / "tune-db").is_dir():
+                shutil.copytree(out_dir / "tune-db", db_dir)
+            if tune:
+                database = tvm_cpu.tune(mod, target, db_dir, tune, key)
+            else:
+                database = tvm_cpu.open_database(db_dir, key, create=False)
+            tuning = {
+                "trials": tune,
+                "db": str(out_dir / "tune-db" if default_db else Path(str(tune_db))),
+                "shapes": shapes if shapes is not None else "dynamic",
+                "applied": database is not None,
+            }
+        pipeline = tvm_cpu.cpu_pipeline(target, info, schedule=schedule, database=database)
+        ex = tvm.compile(mod, target, relax_pipeline=pipeline)
+        ex.export_library(str(tmp / LIB_NAME))
+        out: dict[str, Any] = info.as_json() if schedule else {"cpu_schedules": None}
+        out["tuning"] = tuning
+        if info.gemm_summary:
+            out["int8_matmul_strategy"] = (
+                f"llvm: qexport int8 GEMM kernels, int32 accumulate ({info.gemm_summary})"
+            )
+        elif schedule and info.rules.get("matmul"):
+            out["int8_matmul_strategy"] = (
+                "llvm: generic matmul schedule (4 rows x one vector of columns, parallel rows, "
+                "int32 accumulate)"
+            )
+        return out
 
     def _load_impl(self, artifact: Path, device: str, **options: Any) -> Runner:
         if options:

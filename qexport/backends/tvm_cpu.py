@@ -1,0 +1,795 @@
+"""TVM ``llvm`` (CPU) build pipeline for :mod:`qexport.backends.tvm`: schedules that need no tuning.
+
+TVM's stock Relax CPU pipeline (``tvm.relax.backend.cpu_generic``) legalizes and fuses the graph
+but schedules nothing: every PrimFunc runs as serial scalar loops. :func:`cpu_pipeline` is that
+pipeline with three additions:
+
+* Relax rewrites before legalization (all exact):
+
+  - ``min``/``max`` over ``stack([broadcast_to(a), broadcast_to(b), ...], axis=0)`` (how TVM's
+    ONNX importer spells ONNX ``Min``/``Max`` with several inputs) -> ``minimum(a, b, ...)``:
+    the same values, but elementwise, so FuseOps fuses it with its neighbours and no broadcast
+    constant is materialised;
+  - ``take`` (ONNX ``Gather``) in mode ``fast`` -> mode ``clip``: ``fast`` reads out of bounds on a
+    bad index (and TVM warns about it once per gather). qexport's gathers are embedding rows
+    indexed by ``input_ids`` (user data: not provably in range) and lookup tables indexed by
+    values the graph clamps; ``clip`` costs one min/max per index and returns the same element
+    for every in-range index;
+  - when :mod:`qexport.backends.tvm_gemm` is present, its ``lower_int8_matmuls`` replaces the int8
+    matmuls by already scheduled kernels (marked ``qexport.scheduled``).
+
+* :class:`ScheduleCPU`, a module pass after ``FuseTIR`` that schedules every PrimFunc not already
+  scheduled with the first rule that applies (the counts go in the sidecar):
+
+  - ``matmul``: register-tiled (4 rows x one vector of columns), parallel over batch x row tiles,
+    vectorised over the output columns, reduction order unchanged (int32 accumulation is exact;
+    float sums of exact integers keep their order);
+  - ``elementwise``: every injective block inlined into one, leading loops fused and parallel,
+    innermost loop vectorised;
+  - ``reduction``: producers/consumers inlined, leading spatial loops of the last block parallel,
+    the other blocks computed under them (softmax / LayerNorm rows), injective blocks vectorised,
+    short reductions (ONNX ``Min``/``Max`` folds) vectorised over the spatial axis;
+  - ``fallback``: injective blocks inlined, the outer spatial loops of each block parallel;
+  - ``unscheduled``: a PrimFunc no rule handles builds as is.
+
+* optional MetaSchedule: a database (from :func:`tune`) is applied before the default rules; its
+  records match only PrimFuncs with the same structure and target, everything else keeps the
+  default schedules.
+
+Vector width: the target's (``llvm_get_vector_width``: 512 bits with AVX-512, 256 with AVX2).
+Parallel loops run on TVM's thread pool (``TVM_NUM_THREADS``, default: the cores).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import importlib
+import importlib.util
+import json
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from qexport.errors import BackendError
+
+SCHEDULED_ATTR = "qexport.scheduled"
+RULE_ATTR = "qexport.cpu_rule"
+TUNE_MANIFEST = "qexport-tune.json"
+TUNE_DEPS = ("psutil", "cloudpickle", "xgboost")
+_MAX_UNROLL_ROWS = 4
+
+
+# --------------------------------------------------------------------------------------------
+# target
+# --------------------------------------------------------------------------------------------
+def llvm_target_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill ``mcpu`` (the host CPU) and ``num-cores`` (``os.cpu_count()``) in an llvm target dict.
+
+    An ``mcpu`` that LLVM does not know for the triple raises one :class:`BackendError` (LLVM
+    would otherwise warn and silently build for ``generic``).
+    """
+    from tvm.target import codegen
+
+    out = dict(spec)
+    if not out.get("mcpu"):
+        out["mcpu"] = str(codegen.llvm_get_system_cpu())
+    triple = str(out.get("mtriple") or codegen.llvm_get_system_triple())
+    if not codegen.llvm_is_valid_cpu(str(out["mcpu"]), triple):
+        raise BackendError(
+            f"unknown llvm mcpu {out['mcpu']!r} for {triple}",
+            hint=f"leave mcpu out (host: {codegen.llvm_get_system_cpu()}) or give an LLVM CPU name",
+        )
+    out.setdefault("num-cores", os.cpu_count() or 1)
+    return out
+
+
+def vector_bits(target: Any) -> int:
+    """SIMD register width of the target in bits (128 when LLVM cannot tell)."""
+    from tvm.target.codegen import llvm_get_vector_width
+
+    bits = int(llvm_get_vector_width(target))
+    return min(bits, 512) if bits > 0 else 128
+
+
+# --------------------------------------------------------------------------------------------
+# Relax rewrites (exact)
+# --------------------------------------------------------------------------------------------
+def _rewrite_stacked_minmax(mod: Any) -> tuple[Any, int]:
+    """``min/max(stack([broadcast_to(a, s), ...], axis=0), axis=0)`` -> ``minimum/maximum(a, ...)``."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    tup = wildcard()
+    stack = is_op("relax.stack")(tup)
+    pattern = is_op("relax.min")(stack) | is_op("relax.max")(stack)
+    count = 0
+    folds = {"relax.min": relax.op.minimum, "relax.max": relax.op.maximum}
+
+    def rewriter(expr: Any, matches: Any) -> Any:
+        nonlocal count
+        stacked = matches[stack]
+        fields = matches[tup]
+        axis = expr.attrs.axis
+        if (
+            not isinstance(fields, relax.Tuple)
+            or len(fields.fields) < 2
+            or int(stacked.attrs.axis) != 0
+            or axis is None
+            or [int(a) for a in axis] != [0]
+            or bool(expr.attrs.keepdims)
+        ):
+            return expr
+        args = []
+        for f in fields.fields:
+            if isinstance(f, relax.Call) and f.op.name == "relax.broadcast_to":
+                f = f.args[0]
+            args.append(f)
+        fold = folds[expr.op.name]
+        out = functools.reduce(fold, args)
+        count += 1
+        return out
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewriter, func)
+    return mod, count
+
+
+def _take_clip(mod: Any) -> tuple[Any, int]:
+    """Every ``take`` in mode ``fast`` -> mode ``clip`` (same elements for in-range indices)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    data, idx = wildcard(), wildcard()
+    pattern = is_op("relax.take")(data, idx)
+    count = 0
+
+    def rewriter(expr: Any, matches: Any) -> Any:
+        nonlocal count
+        if str(expr.attrs.mode) != "fast":
+            return expr
+        count += 1
+        axis = expr.attrs.axis
+        return relax.op.take(matches[data], matches[idx], None if axis is None else int(axis), mode="clip")
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewriter, func)
+    return mod, count
+
+
+def gemm_module() -> Any | None:
+    """:mod:`qexport.backends.tvm_gemm` when it is installed with this package, else ``None``."""
+    if importlib.util.find_spec("qexport.backends.tvm_gemm") is None:
+        return None
+    return importlib.import_module("qexport.backends.tvm_gemm")
+
+
+# --------------------------------------------------------------------------------------------
+# schedule rules
+# --------------------------------------------------------------------------------------------
+def _extent(sch: Any, loop: Any) -> int | None:
+    from tvm import tirx
+
+    ext = sch.get(loop).extent
+    return int(ext.value) if isinstance(ext, tirx.IntImm) else None
+
+
+def _lanes(extent: int | None, max_lanes: int) -> int:
+    """Largest power-of-two lane count <= max_lanes dividing a static extent (0: do not vectorise)."""
+    if extent is None:
+        return 0
+    lanes = max_lanes
+    while lanes >= 2:
+        if extent % lanes == 0:
+            return lanes
+        lanes //= 2
+    return 0
+
+
+def _dtype_bits(sch: Any, block: Any) -> int:
+    stmt = sch.get(block)
+    bits = [int(w.source.dtype.bits) for w in stmt.writes] or [32]
+    return max(bits)
+
+
+def _divides_at_runtime(sch: Any, block: Any) -> bool:
+    """Whether ``block`` divides by a value that is not a constant.
+
+    x86 has no vector integer division: LLVM splits such a vector into one scalar division per
+    lane, and long integer chains (i-GELU, i-exp) then take minutes to compile for no speed.
+    """
+    import tvm_ffi
+    from tvm import tirx
+
+    found = False
+
+    def visit(node: Any) -> None:
+        nonlocal found
+        if not isinstance(node.b, (tirx.IntImm, tirx.FloatImm)) and "int" in str(node.ty):
+            found = True
+
+    stmt = sch.get(block)
+    tvm_ffi.structural_walk(
+        stmt.body, [(cls, visit) for cls in (tirx.Div, tirx.FloorDiv, tirx.FloorMod, tirx.Mod)], order="post"
+    )
+    return found
+
+
+def _vectorize_inner(sch: Any, block: Any, vbits: int) -> bool:
+    """Vectorise the innermost spatial loop of ``block`` (split to the vector width)."""
+    loops = sch.get_loops(block)
+    if not loops or _divides_at_runtime(sch, block):
+        return False
+    inner = loops[-1]
+    if _iter_kinds(sch, block)[-1:] != ["S"]:
+        return False
+    lanes = _lanes(_extent(sch, inner), max(vbits // _dtype_bits(sch, block), 2))
+    if lanes == 0:
+        return False
+    ext = _extent(sch, inner)
+    if ext is not None and ext > lanes:
+        _, inner = sch.split(inner, factors=[None, lanes])
+    sch.vectorize(inner)
+    return True
+
+
+def _iter_kinds(sch: Any, block: Any) -> list[str]:
+    """Per loop of ``block``: ``S`` (spatial), ``R`` (reduction) or ``O`` (both)."""
+    from tvm import tirx
+
+    stmt = sch.get(block)
+    loop_vars = [sch.get(lp).loop_var for lp in sch.get_loops(block)]
+    bindings = _block_bindings(sch, stmt.name_hint)
+    kinds = []
+    for var in loop_vars:
+        kind = None
+        for iv, value in zip(stmt.iter_vars, bindings, strict=False):
+            if any(v.same_as(var) for v in _vars_of(value)):
+                k = "S" if iv.iter_type == tirx.IterVar.DataPar else "R"
+                kind = k if kind in (None, k) else "O"
+        kinds.append(kind or "S")
+    return kinds
+
+
+def _vars_of(expr: Any) -> list[Any]:
+    import tvm_ffi
+    from tvm import tirx
+
+    found: list[Any] = [expr] if isinstance(expr, tirx.Var) else []
+    tvm_ffi.structural_walk(expr, [(tirx.Var, found.append)], order="post")
+    return found
+
+
+def _block_bindings(sch: Any, name: str) -> list[Any]:
+    import tvm_ffi
+    from tvm.s_tir import SBlockRealize
+
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if node.block.name_hint == name and not found:
+            found.extend(node.iter_values)
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, [(SBlockRealize, visit)], order="post")
+    return found
+
+
+def _leading_spatial(kinds: list[str]) -> int:
+    n = 0
+    for k in kinds:
+        if k != "S":
+            break
+        n += 1
+    return n
+
+
+_INLINE_MAX_NODES = 24
+
+
+def _expr_nodes(stmt: Any) -> int:
+    import tvm_ffi
+    from tvm.ir.expr import Expr as PrimExpr
+
+    n = 0
+
+    def visit(_node: Any) -> None:
+        nonlocal n
+        n += 1
+
+    tvm_ffi.structural_walk(stmt, [(PrimExpr, visit)], order="post")
+    return n
+
+
+def _loads_of(sch: Any, buffer: Any) -> int:
+    """How many ``BufferLoad`` of ``buffer`` the function holds (reads that inlining would copy)."""
+    import tvm_ffi
+    from tvm.ir.expr import TensorLoad
+
+    n = 0
+
+    def visit(node: Any) -> None:
+        nonlocal n
+        if node.source.same_as(buffer):
+            n += 1
+
+    tvm_ffi.structural_walk(sch.mod["main"].body, [(TensorLoad, visit)], order="post")
+    return n
+
+
+def _reverse_inline_ok(sch: Any, block: Any) -> bool:
+    """Reverse-inlining ``block`` copies no expression: it reads each input at one place."""
+    return all(_loads_of(sch, r.source) <= 1 for r in sch.get(block).reads)
+
+
+def _inline_all(sch: Any, infos: list[Any]) -> list[Any]:
+    """dlight's ``try_inline``, minus inlinings that would copy a large expression.
+
+    Inlining a block whose value is read several times copies its expression at each read; the
+    integer chains (i-GELU, i-exp: ``abs``, ``sign``, the value itself...) then grow
+    exponentially and LLVM takes minutes on them. Such a block stays, computed under the
+    consumer's parallel loop by the rules below.
+    """
+    blocks = list(infos)
+
+    def cheap(block: Any) -> bool:
+        stmt = sch.get(block)
+        if len(stmt.writes) != 1:
+            return False
+        return _expr_nodes(stmt.body) <= _INLINE_MAX_NODES or _loads_of(sch, stmt.writes[0].source) <= 1
+
+    def reverse_cheap(block: Any) -> bool:
+        return _reverse_inline_ok(sch, block)
+
+    changed = True
+    while changed:
+        changed = False
+        for i, info in enumerate(blocks):
+            if not cheap(info.block_rv):
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - not inlinable (output block, reduction)
+                continue
+            blocks.pop(i)
+            changed = True
+            break
+        if changed:
+            continue
+        for i, info in enumerate(blocks):
+            if not reverse_cheap(info.block_rv):
+                continue
+            try:
+                sch.reverse_compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - not inlinable
+                continue
+            blocks.pop(i)
+            changed = True
+            break
+    return blocks
+
+
+def _normalize(sch: Any) -> list[Any] | None:
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    try:
+        return normalize_prim_func(sch)
+    except Exception:  # noqa: BLE001 - not analysable: the next rule decides
+        return None
+
+
+def _rule_matmul(func: Any, vbits: int) -> Any | None:
+    """Matmul (batch dims, i, j, k): tile 4 x lanes, parallel over batch x row tiles."""
+    from tvm import s_tir
+    from tvm.s_tir.dlight.gpu.matmul import get_index_map
+
+    sch = s_tir.Schedule(func)
+    infos = _normalize(sch)
+    if infos is None:
+        return None
+    reds = [b for b in infos if not b.is_injective()]
+    if len(reds) != 1:
+        return None
+    main = reds[0].block_rv
+    stmt = sch.get(main)
+    if len(stmt.reads) != 2 or get_index_map(stmt) is None:
+        return None
+    main_name = stmt.name_hint
+    # cheap producers (casts, transposes) into the matmul, cheap epilogue blocks into each other
+    _inline_all(sch, infos)
+    main = sch.get_sblock(main_name)
+    kinds = _iter_kinds(sch, main)
+    loops = sch.get_loops(main)
+    s_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+    r_loops = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+    if len(r_loops) != 1 or len(s_loops) < 2 or len(s_loops) + 1 != len(loops):
+        return None
+    sch.reorder(*s_loops, *r_loops)
+    *batch, i, j = s_loops
+    (k,) = r_loops
+    out_bits = int(sch.get(main).writes[0].source.dtype.bits)
+    lanes = _lanes(_extent(sch, j), max(vbits // out_bits, 2))
+    i_ext = _extent(sch, i)
+    rows = _MAX_UNROLL_ROWS if i_ext is None or i_ext >= _MAX_UNROLL_ROWS else 1
+    io, ii = sch.split(i, factors=[None, rows])
+    if lanes:
+        jo, ji = sch.split(j, factors=[None, lanes])
+    else:
+        jo, ji = sch.split(j, factors=[None, 1])
+    sch.reorder(*batch, io, jo, k, ii, ji)
+    outer = sch.fuse(*batch, io) if batch else io
+    sch.parallel(outer)
+    local = sch.cache_write(main, 0, "local")
+    local_name = sch.get(local).name_hint
+    # epilogue consumers (bias add, requantisation, casts) go into the tile's write-back
+    rest: list[str] = []
+    for blk in sch.get_child_blocks(_root(sch)):
+        name = sch.get(blk).name_hint
+        if name in (main_name, local_name):
+            continue
+        if not rest and _reverse_inline_ok(sch, sch.get_sblock(name)):
+            try:
+                sch.reverse_compute_inline(sch.get_sblock(name))
+                continue
+            except Exception:  # noqa: BLE001 - a consumer that cannot be inlined is scheduled alone
+                pass
+        rest.append(name)
+    local = sch.get_sblock(local_name)
+    sch.reverse_compute_at(local, jo, preserve_unit_loops=True)
+    if lanes:
+        sch.vectorize(ji)
+        if not _divides_at_runtime(sch, local):
+            sch.vectorize(sch.get_loops(local)[-1])
+    init = sch.decompose_reduction(main, k)
+    if lanes:
+        sch.vectorize(sch.get_loops(init)[-1])
+    for name in rest:  # epilogue blocks that stay: per row tile, under the parallel loop
+        blk = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(blk, outer, preserve_unit_loops=True)
+            _vectorize_inner(sch, blk, vbits)
+        except Exception:  # noqa: BLE001 - not computable per tile: a parallel loop of its own
+            _parallel_outer(sch, blk, vbits)
+    sch.unroll(ii)
+    return sch
+
+
+def _root(sch: Any) -> Any:
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    return get_root_block(sch)
+
+
+def _parallel_outer(sch: Any, block: Any, vbits: int) -> bool:
+    """Fuse the leading spatial loops of a root-level block and run them in parallel."""
+    kinds = _iter_kinds(sch, block)
+    loops = sch.get_loops(block)
+    if not loops or any(sch.get(lp).kind != 0 for lp in loops):
+        return False
+    n = _leading_spatial(kinds)
+    if n == 0:
+        return False
+    vec = n == len(loops) and _vectorize_inner(sch, block, vbits)
+    loops = sch.get_loops(block)
+    lead = loops[: n - 1] if vec and n >= 2 else loops[:n] if not vec else []
+    if vec and n == 1:
+        lead = [loops[0]] if len(loops) > 1 else []
+    if not lead:
+        return vec
+    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+    return True
+
+
+def _rule_elementwise(func: Any, vbits: int) -> Any | None:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    infos = _normalize(sch)
+    if infos is None or not all(b.is_injective() for b in infos):
+        return None
+    infos = _inline_all(sch, infos)
+    blk = infos[-1].block_rv
+    if not sch.get_loops(blk):
+        return None
+    if len(infos) == 1:
+        _parallel_outer(sch, blk, vbits)
+        return sch
+    return _chain(sch, [b.block_rv for b in infos], vbits)
+
+
+def _chain(sch: Any, blocks: list[Any], vbits: int) -> Any | None:
+    """Blocks that stay separate: parallel over the last block's leading spatial loops (rows),
+    the others computed per row under that loop, injective blocks vectorised."""
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    if any("O" in k for k in kinds):
+        return None
+    lead = min(_leading_spatial(k) for k in kinds)
+    last = blocks[-1]
+    n_last = len(sch.get_loops(last))
+    if "R" not in kinds[-1] and n_last >= 2:
+        lead = min(lead, n_last - 1)
+    if lead == 0:
+        return None
+    outer = sch.get_loops(last)[:lead]
+    spatial = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(spatial)
+    for blk in reversed(blocks[:-1]):
+        sch.compute_at(blk, spatial, preserve_unit_loops=True)
+    for blk, k in zip(blocks, kinds, strict=True):
+        if "R" not in k:
+            _vectorize_inner(sch, blk, vbits)
+    return sch
+
+
+def _rule_reduction(func: Any, vbits: int) -> Any | None:
+    """Row reductions (softmax, LayerNorm, i-exp chains, Min/Max folds): parallel rows."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    infos = _normalize(sch)
+    if infos is None or all(b.is_injective() for b in infos):
+        return None
+    infos = _inline_all(sch, infos)
+    blocks = [b.block_rv for b in infos]
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    if any("O" in k for k in kinds):
+        return None
+    lead = min(_leading_spatial(k) for k in kinds)
+    if lead == 0:
+        return None
+    last = blocks[-1]
+    if len(blocks) == 1:
+        loops = sch.get_loops(last)
+        s = [lp for lp, k in zip(loops, kinds[0], strict=True) if k == "S"]
+        r = [lp for lp, k in zip(loops, kinds[0], strict=True) if k == "R"]
+        r_ext = [_extent(sch, lp) for lp in r]
+        if len(s) >= 2 and all(e is not None and e <= 8 for e in r_ext):
+            # short fold: reduce outside the innermost spatial loop, vectorise that loop
+            sch.reorder(*s[:-1], *r, s[-1])
+            outer = s[:-1]
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            if _vectorize_inner(sch, last, vbits):
+                init = sch.decompose_reduction(last, r[0])
+                _vectorize_inner(sch, init, vbits)
+            return sch
+        sch.reorder(*s, *r)
+        outer = s[: lead]
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        return sch
+    return _chain(sch, blocks, vbits)
+
+
+def _rule_fallback(func: Any, vbits: int) -> Any | None:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    infos = _normalize(sch)
+    if infos is None:
+        blocks = sch.get_child_blocks(_root(sch))
+    else:
+        blocks = [b.block_rv for b in _inline_all(sch, infos)]
+    done = False
+    for blk in blocks:
+        try:
+            done = _parallel_outer(sch, blk, vbits) or done
+        except Exception:  # noqa: BLE001 - leave this block serial
+            continue
+    return sch if done else None
+
+
+RULES: tuple[tuple[str, Callable[[Any, int], Any | None]], ...] = (
+    ("matmul", _rule_matmul),
+    ("elementwise", _rule_elementwise),
+    ("reduction", _rule_reduction),
+    ("fallback", _rule_fallback),
+)
+
+
+def schedule_func(func: Any, vbits: int) -> tuple[Any, str]:
+    """The first rule of :data:`RULES` that schedules ``func``; ``(func, "unscheduled")`` if none."""
+    for name, rule in RULES:
+        try:
+            sch = rule(func, vbits)
+        except Exception:  # noqa: BLE001 - a rule that fails to apply: try the next one
+            sch = None
+        if sch is not None:
+            return sch.mod["main"], name
+    return func, "unscheduled"
+
+
+def schedule_pass(target: Any, counts: collections.Counter[str]) -> Any:
+    """Module pass: schedule every PrimFunc not yet scheduled; rule counts land in ``counts``."""
+    import tvm
+
+    vbits = vector_bits(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="qexport.ScheduleCPU")
+    def _schedule(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            attrs = func.attrs or {}
+            if SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR]):
+                counts["int8_gemm"] += 1
+                continue
+            if "tirx.is_scheduled" in attrs and bool(attrs["tirx.is_scheduled"]):
+                counts["tuned"] += 1
+                continue
+            new, rule = schedule_func(func, vbits)
+            counts[rule] += 1
+            if rule != "unscheduled":
+                mod[gv] = new.with_attr("tirx.is_scheduled", True).with_attr(RULE_ATTR, rule)
+        return mod
+
+    return _schedule
+
+
+# --------------------------------------------------------------------------------------------
+# pipeline
+# --------------------------------------------------------------------------------------------
+class BuildInfo:
+    """What the pipeline did, for the sidecar."""
+
+    def __init__(self) -> None:
+        self.rules: collections.Counter[str] = collections.Counter()
+        self.rewrites: dict[str, int] = {}
+        self.gemm: list[dict[str, Any]] = []
+        self.gemm_available = False
+        self.gemm_summary = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cpu_schedules": dict(sorted(self.rules.items())),
+            "relax_rewrites": dict(self.rewrites),
+            "int8_gemm_kernels": self.gemm,
+            "int8_gemm_module": self.gemm_available,
+        }
+
+
+def prepare(mod: Any, target: Any, info: BuildInfo, features: frozenset[str]) -> Any:
+    """Relax rewrites before legalization (see the module docstring); exact."""
+    mod, info.rewrites["minmax_stack"] = _rewrite_stacked_minmax(mod)
+    mod, info.rewrites["take_clip"] = _take_clip(mod)
+    gemm = gemm_module()
+    info.gemm_available = gemm is not None
+    if gemm is not None:
+        mod, records = gemm.lower_int8_matmuls(mod, target, features)
+        info.gemm = [dict(r) for r in records]
+        if any("skipped" not in r for r in info.gemm):
+            summarize = getattr(gemm, "summarize", None)
+            info.gemm_summary = str(summarize(info.gemm)) if summarize else f"{len(info.gemm)} kernels"
+    return mod
+
+
+def fused(mod: Any, target: Any) -> Any:
+    """Legalize, annotate, fold and fuse: the module MetaSchedule tunes and the rules schedule."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    with target:
+        seq = tvm.transform.Sequential(
+            cpu.library_dispatch_passes(target)
+            + [
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+            ]
+        )
+        return seq(mod)
+
+
+def cpu_pipeline(target: Any, info: BuildInfo, *, schedule: bool = True, database: Any | None = None) -> Any:
+    """The Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on an already
+    :func:`prepare`-d and :func:`fused` module: (tuned records) -> rules -> lowering."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="qexport.CPUPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        passes: list[Any] = []
+        if database is not None:
+            passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
+        if schedule:
+            passes.append(schedule_pass(target, info.rules))
+        passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+        with target:
+            if database is not None:
+                with database:
+                    return tvm.transform.Sequential(passes)(mod)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+# --------------------------------------------------------------------------------------------
+# MetaSchedule
+# --------------------------------------------------------------------------------------------
+def tune_key(target: Any, shapes: Mapping[str, int] | None) -> dict[str, Any]:
+    """What a tuning database is valid for: the target (CPU, features, cores) and the static shapes."""
+    return {"target": str(target), "shapes": dict(shapes) if shapes else None}
+
+
+def check_tune_deps() -> None:
+    missing = [m for m in TUNE_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendError(
+            f"MetaSchedule tuning needs {', '.join(missing)} (not installed)",
+            hint=f"pip install {' '.join(missing)}",
+        )
+
+
+def open_database(db_dir: Path, key: Mapping[str, Any], *, create: bool) -> Any | None:
+    """The JSON database in ``db_dir`` for ``key``; ``None`` when absent and not ``create``.
+
+    A database recorded for another target, other shapes or another model raises
+    :class:`BackendError` (its schedules would not match; we never mix them in silently).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    manifest = db_dir / TUNE_MANIFEST
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        diff = [k for k in ("target", "shapes") if have.get(k) != key.get(k)]
+        if diff:
+            raise BackendError(
+                f"tuning database {db_dir} was made for another {'/'.join(diff)} "
+                f"({', '.join(f'{k}={have.get(k)!r}' for k in diff)})",
+                hint="give another --tune-db directory, or retune",
+            )
+    elif not create:
+        if db_dir.exists() and any(db_dir.iterdir()):
+            raise BackendError(f"{db_dir} is not a qexport tuning database (no {TUNE_MANIFEST})")
+        return None
+    db_dir.mkdir(parents=True, exist_ok=True)
+    if not manifest.is_file():
+        from qexport.io import atomic_write_json
+
+        atomic_write_json(manifest, dict(key))
+    return ms.database.JSONDatabase(
+        path_workload=str(db_dir / "database_workload.json"),
+        path_tuning_record=str(db_dir / "database_tuning_record.json"),
+        allow_missing=True,
+    )
+
+
+def tune(mod: Any, target: Any, db_dir: Path, trials: int, key: Mapping[str, Any]) -> Any:
+    """MetaSchedule-tune the fused module's PrimFuncs (``trials`` in total) into ``db_dir``.
+
+    The kernels :mod:`qexport.backends.tvm_gemm` already scheduled are not tuning tasks (no
+    record is made for them, so applying the database leaves them as they are).
+    """
+    check_tune_deps()
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule import relax_integration as ri
+
+    database = open_database(db_dir, key, create=True)
+    work = db_dir / "logs"
+    work.mkdir(parents=True, exist_ok=True)
+    extracted = [
+        t for t in ri.extract_tasks(mod, target)
+        if not any(_is_marked(f) for f in t.dispatched[0].functions.values())
+    ]
+    if not extracted:
+        return database
+    contexts, weights = ri.extracted_tasks_to_tune_contexts(extracted, str(work))
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(work),
+        max_trials_global=trials,
+        max_trials_per_task=max(trials // max(len(contexts), 1), 1),
+        num_trials_per_iter=min(64, trials),
+        database=database,
+    )
+    return database
+
+
+def _is_marked(func: Any) -> bool:
+    attrs = getattr(func, "attrs", None) or {}
+    return SCHEDULED_ATTR in attrs and bool(attrs[SCHEDULED_ATTR])

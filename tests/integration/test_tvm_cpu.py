@@ -1,0 +1,301 @@
+"""Scheduled TVM llvm builds (qexport.backends.tvm_cpu): exact, recorded, and their bad inputs.
+
+* MiniLM (PTQ checkpoint) on real rt text: the scheduled build's ``logits_int`` equal the PyTorch
+  integer reference element for element, for ``--linear integer`` (functions form, dynamic
+  shapes) and ``--linear qdq`` (flat form, static shapes); the sidecar records the rules.
+* a small integer graph with edge values (INT32_MIN/MAX numerators, runtime and constant
+  divisors, 2- and 3-input Min/Max, a Gather table, MatMulInteger) equals ONNX Runtime exactly,
+  and its build prints no TVM warning;
+* an unknown ``mcpu``, ``tune`` without static shapes and a tuning database made for other
+  shapes each raise one clear error; MetaSchedule tuning itself is ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qexport.errors import BackendError
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+tvm = pytest.importorskip("tvm")
+
+pytestmark = pytest.mark.tvm
+
+I32 = np.iinfo(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# MiniLM on rt
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rt_cases(int_checkpoint: Path) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """(feeds, reference logits_int): batch 1 at length 5, batch 7 at 17, batch 2 padded to 32."""
+    from qexport.data import encode, get_task
+    from qexport.export.verify import load_tokenizer
+    from qexport.models.integer import IntegerModel
+
+    tok = load_tokenizer(int_checkpoint)
+    ex = get_task("rt").load("test")
+    ref = IntegerModel.from_checkpoint(int_checkpoint)
+    out = []
+    for batch, max_len, pad_to in ((ex[:1], 5, None), (ex[1:8], 17, None), (ex[8:10], 32, 32)):
+        enc = encode(batch, tok, max_length=max_len, pad_to=pad_to)
+        feeds = {k: enc[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")}
+        out.append((feeds, ref(enc["input_ids"], enc["attention_mask"]).numpy()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dyn_integer(int_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qexport.backends.tvm import TVMBackend
+    from qexport.export.exporter import export_onnx
+
+    work = tmp_path_factory.mktemp("tvmcpu")
+    model = export_onnx(int_checkpoint, work / "m.integer.onnx", linear="integer")
+    return TVMBackend().compile(model, work / "dyn", target="llvm")
+
+
+@pytest.fixture(scope="module")
+def static_qdq(int_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from qexport.backends.tvm import TVMBackend
+    from qexport.export.exporter import export_onnx
+
+    work = tmp_path_factory.mktemp("tvmcpu")
+    model = export_onnx(int_checkpoint, work / "m.qdq.onnx", form="flat", linear="qdq")
+    return TVMBackend().compile(model, work / "static", target="llvm", shapes={"batch": 2, "seq": 32})
+
+
+def test_minilm_integer_dynamic_bit_exact(dyn_integer: Path, rt_cases) -> None:  # type: ignore[no-untyped-def]
+    from qexport.backends.tvm import TVMBackend
+
+    runner = TVMBackend().load(dyn_integer, "cpu")
+    for feeds, ref in rt_cases:
+        got = runner.run(feeds)["logits_int"]
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_minilm_sidecar_records_rules(dyn_integer: Path) -> None:
+    meta = json.loads((dyn_integer / "tvm.json").read_text())
+    rules = meta["cpu_schedules"]
+    # distinct PrimFuncs (layers that compile alike share one): linears, attention, pooler, head
+    assert rules["matmul"] >= 8
+    assert rules["elementwise"] > 0 and rules["reduction"] > 0
+    assert rules.get("unscheduled", 0) <= 5  # scalar shape arithmetic only
+    assert meta["relax_rewrites"]["minmax_stack"] > 0 and meta["relax_rewrites"]["take_clip"] > 0
+    assert meta["target"]["num-cores"] >= 1 and meta["target"]["mcpu"]
+    assert meta["tuning"] is None and "int32" in meta["int8_matmul_strategy"]
+
+
+def test_minilm_qdq_static_bit_exact_and_shape_check(static_qdq: Path, rt_cases) -> None:  # type: ignore[no-untyped-def]
+    from qexport.backends.tvm import TVMBackend
+
+    runner = TVMBackend().load(static_qdq, "cpu")
+    feeds, ref = rt_cases[-1]  # batch 2, seq 32: the built shape
+    np.testing.assert_array_equal(runner.run(feeds)["logits_int"], ref)
+    longer = {k: np.concatenate([v, v[:, :8]], axis=1) for k, v in feeds.items()}
+    with pytest.raises(BackendError, match=r"built for batch=2,seq=32; got input_ids shape \(2, 40\)"):
+        runner.run(longer)
+    assert json.loads((static_qdq / "tvm.json").read_text())["cpu_schedules"]["matmul"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# a small graph with edge values
+# --------------------------------------------------------------------------------------------
+def _edge_graph(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    inits = [
+        nh.from_array(np.array(1, np.int32), "one"),
+        nh.from_array(np.array(7, np.int32), "seven"),
+        nh.from_array(np.array(-3, np.int32), "mthree"),
+        nh.from_array(np.array(0, np.int32), "zero"),
+        nh.from_array(np.array(255, np.int32), "i255"),
+        nh.from_array(np.array(1 << 20, np.int32), "big"),
+        nh.from_array(rng.integers(-(1 << 30), 1 << 30, 256).astype(np.int32), "table"),
+        nh.from_array(rng.integers(-127, 128, (64, 16)).astype(np.int8), "w"),
+        nh.from_array(np.array([-1], np.int64), "axm1"),
+    ]
+    n = h.make_node
+    nodes = [
+        n("Max", ["d", "one"], ["dd"]),  # guarded runtime divisor >= 1
+        n("Div", ["x", "dd"], ["q"]),  # truncating division, runtime divisor
+        n("Div", ["x", "seven"], ["q7"]),  # constant divisor
+        n("Div", ["x", "mthree"], ["qm3"]),  # negative constant divisor
+        n("Min", ["q", "q7", "big"], ["m3"]),  # 3-input Min
+        n("Max", ["m3", "qm3"], ["m"]),
+        n("Max", ["x", "zero"], ["xp"]),
+        n("Min", ["xp", "i255"], ["idx"]),  # clamped table index
+        n("Gather", ["table", "idx"], ["g"], axis=0),
+        n("Sub", ["m", "g"], ["e"]),
+        n("Cast", ["x"], ["x8"], to=T.INT8),  # wraps: ORT and TVM agree on truncation
+        n("MatMulInteger", ["x8", "w"], ["acc"]),
+        n("ReduceMax", ["acc", "axm1"], ["accmax"], keepdims=1),
+        n("Add", ["e", "accmax"], ["out"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "edge",
+        [
+            h.make_tensor_value_info("x", T.INT32, ["batch", 64]),
+            h.make_tensor_value_info("d", T.INT32, ["batch", 64]),
+        ],
+        [h.make_tensor_value_info("out", T.INT32, ["batch", 64])],
+        inits,
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _edge_feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(I32.min, I32.max, (batch, 64), dtype=np.int64).astype(np.int32)
+    edges = np.array([I32.min, I32.max, I32.min + 1, -1, 0, 1, -7, 7, -6, 6, 255, 256, -255], np.int32)
+    x.flat[: len(edges)] = edges
+    d = rng.integers(-5, 1 << 16, (batch, 64)).astype(np.int32)
+    d.flat[:4] = [0, -1, 1, I32.max]
+    return {"x": x, "d": d}
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _edge_graph(tmp_path_factory.mktemp("edge") / "edge.onnx")
+
+
+_BUILD = r"""
+import sys
+from qexport.backends.tvm import TVMBackend
+TVMBackend().compile(sys.argv[1], sys.argv[2], target="llvm")
+"""
+
+
+@pytest.fixture(scope="module")
+def edge_build(edge: Path) -> tuple[Path, str]:
+    """The scheduled build, in a subprocess so that TVM's own stderr lines are seen."""
+    out = edge.parent / "sched"
+    res = subprocess.run([sys.executable, "-c", _BUILD, str(edge), str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res.stderr
+
+
+def test_edge_graph_matches_ort_exactly(edge: Path, edge_build: tuple[Path, str]) -> None:
+    from qexport.backends.tvm import TVMBackend
+
+    runner = TVMBackend().load(edge_build[0], "cpu")
+    sess = ort.InferenceSession(str(edge), providers=["CPUExecutionProvider"])
+    for batch, seed in ((1, 1), (3, 2), (8, 3)):
+        feeds = _edge_feeds(batch, seed)
+        want = sess.run(["out"], feeds)[0]
+        assert len(np.unique(want)) > want.size // 2  # a live graph
+        np.testing.assert_array_equal(runner.run(feeds)["out"], want)
+    meta = json.loads((edge_build[0] / "tvm.json").read_text())
+    assert meta["relax_rewrites"]["minmax_stack"] == 5 and meta["relax_rewrites"]["take_clip"] >= 1
+    assert meta["cpu_schedules"].get("matmul", 0) + meta["cpu_schedules"].get("int8_gemm", 0) >= 1
+
+
+def test_build_prints_no_tvm_warning(edge_build: tuple[Path, str]) -> None:
+    assert "Fast mode" not in edge_build[1]
+    assert "Warning" not in edge_build[1], edge_build[1][-2000:]
+
+
+def test_unscheduled_build_still_reachable_and_exact(edge: Path, tmp_path: Path) -> None:
+    from qexport.backends.tvm import TVMBackend
+
+    art = TVMBackend().compile(edge, tmp_path / "old", target="llvm", schedule=False)
+    assert json.loads((art / "tvm.json").read_text())["cpu_schedules"] is None
+    feeds = _edge_feeds(2, 9)
+    want = ort.InferenceSession(str(edge), providers=["CPUExecutionProvider"]).run(["out"], feeds)[0]
+    np.testing.assert_array_equal(TVMBackend().load(art, "cpu").run(feeds)["out"], want)
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------------
+def test_unknown_mcpu_is_one_error(edge: Path, tmp_path: Path) -> None:
+    from qexport.backends.tvm import TVMBackend
+
+    with pytest.raises(BackendError, match="unknown llvm mcpu 'no-such-cpu'"):
+        TVMBackend().compile(edge, tmp_path / "x", target='{"kind": "llvm", "mcpu": "no-such-cpu"}')
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_tune_needs_static_shapes(edge: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from qexport.cli import main
+
+    code = main(["tvm", str(edge), "-o", str(tmp_path / "t"), "--tune", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: tuning needs static shapes")
+    code = main(["tvm", str(edge), "-o", str(tmp_path / "t"), "--target", '{"kind": "llvm", "mcpu": "nope"}'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown llvm mcpu 'nope'" in err[0]
+
+
+def test_tuning_db_for_other_shapes_is_refused(edge: Path, tmp_path: Path) -> None:
+    from qexport.backends import tvm_cpu
+    from qexport.backends.tvm import TVMBackend
+
+    target = tvm.target.Target(tvm_cpu.llvm_target_spec({"kind": "llvm"}))
+    db = tmp_path / "db"
+    tvm_cpu.open_database(db, tvm_cpu.tune_key(target, {"batch": 4}), create=True)
+    with pytest.raises(BackendError, match="made for another shapes"):
+        TVMBackend().compile(edge, tmp_path / "a", target="llvm", shapes={"batch": 2}, tune_db=db)
+    with pytest.raises(BackendError, match="made for another shapes"):
+        TVMBackend().compile(edge, tmp_path / "a", target="llvm", tune_db=db)  # dynamic
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.json").write_text("{}")
+    with pytest.raises(BackendError, match="not a qexport tuning database"):
+        TVMBackend().compile(edge, tmp_path / "a", target="llvm", shapes={"batch": 4},
+                             tune_db=tmp_path / "junk")
+    # the database of these shapes applies (no records yet: default schedules, same answers)
+    art = TVMBackend().compile(edge, tmp_path / "b", target="llvm", shapes={"batch": 4}, tune_db=db)
+    meta = json.loads((art / "tvm.json").read_text())
+    assert meta["tuning"] == {"trials": 0, "db": str(db), "shapes": {"batch": 4}, "applied": True}
+    feeds = _edge_feeds(4, 5)
+    want = ort.InferenceSession(str(edge), providers=["CPUExecutionProvider"]).run(["out"], feeds)[0]
+    np.testing.assert_array_equal(TVMBackend().load(art, "cpu").run(feeds)["out"], want)
+
+
+def test_tune_without_metaschedule_deps_is_one_error(edge: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    missing = [m for m in ("psutil", "cloudpickle", "xgboost") if importlib.util.find_spec(m) is None]
+    if not missing:
+        pytest.skip("MetaSchedule's dependencies are installed")
+    from qexport.backends.tvm import TVMBackend
+
+    with pytest.raises(BackendError, match=f"MetaSchedule tuning needs {missing[0]}"):
+        TVMBackend().compile(edge, tmp_path / "t", target="llvm", shapes={"batch": 2}, tune=4)
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_metaschedule_tuning_roundtrip(edge: Path, tmp_path: Path) -> None:
+    """A handful of MetaSchedule trials, then a rebuild that reuses the database; exact."""
+    for mod in ("psutil", "cloudpickle", "xgboost"):
+        pytest.importorskip(mod)
+    from qexport.backends.tvm import TVMBackend
+
+    art = TVMBackend().compile(edge, tmp_path / "tuned", target="llvm", shapes={"batch": 2}, tune=8)
+    meta = json.loads((art / "tvm.json").read_text())
+    assert meta["tuning"]["trials"] == 8 and meta["tuning"]["db"] == str(art / "tune-db")
+    assert (art / "tune-db" / "database_tuning_record.json").stat().st_size > 0
+    again = TVMBackend().compile(edge, tmp_path / "again", target="llvm", shapes={"batch": 2},
+                                 tune_db=art / "tune-db")
+    feeds = _edge_feeds(2, 4)
+    want = ort.InferenceSession(str(edge), providers=["CPUExecutionProvider"]).run(["out"], feeds)[0]
+    for a in (art, again):
+        np.testing.assert_array_equal(TVMBackend().load(a, "cpu").run(feeds)["out"], want)
