@@ -31,7 +31,7 @@ STAGES: dict[str, int] = {
     "backends": 5,
     "verify": 6,
     "report": 7,
-    "demo": 8, "cli": 8,
+    "demo": 8, "env": 8, "cli": 8,
 }
 
 
