@@ -37,9 +37,8 @@ I32 = np.iinfo(np.int32)
 @pytest.fixture(scope="module")
 def rt_cases(int_checkpoint: Path) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
     """(feeds, reference logits_int): batch 1 at length 5, batch 7 at 17, batch 2 padded to 32."""
-    from qexport.export.verify import load_tokenizer
-
     from qexport.data import encode, get_task
+    from qexport.evaluation import load_tokenizer
     from qexport.models.integer import IntegerModel
 
     tok = load_tokenizer(int_checkpoint)
