@@ -158,11 +158,16 @@ def markdown(doc: dict[str, Any]) -> str:
     )
     if h.get("cpu_speedup_int8_vs_fp32") is not None:
         lines.append(
-            f"- CPU: ORT INT8 {h['int8_ms']:.2f} ms vs ORT FP32 {h['fp32_ms']:.2f} ms at batch "
-            f"{h['batch']}, seq {h['seq']}: **{h['cpu_speedup_int8_vs_fp32']:.2f}x**"
+            f"- CPU: {h['int8_row']} {h['int8_ms']:.2f} ms vs {h['fp32_row']} {h['fp32_ms']:.2f} ms at "
+            f"batch {h['batch']}, seq {h['seq']}: **{h['cpu_speedup_int8_vs_fp32']:.2f}x**"
         )
+        if h.get("dynamic_ms") is not None:
+            lines.append(
+                f"- vs ORT `quantize_dynamic` INT8 {h['dynamic_ms']:.2f} ms: "
+                f"**{h['cpu_speedup_int8_vs_dynamic']:.2f}x**"
+            )
     else:
-        lines.append(f"- CPU speedup ORT INT8 vs FP32: not measured ({h.get('reason', 'n/a')})")
+        lines.append(f"- CPU speedup qexport INT8 vs FP32: not measured ({h.get('reason', 'n/a')})")
     lines.append("")
 
     lines += ["## True size", "", "Checkpoint by part (MB):", ""]
