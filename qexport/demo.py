@@ -10,8 +10,12 @@ Stages (each one timed into ``summary.json``'s ``timings_s``)::
              first ``parity_limit`` test rows, every ``logits_int`` element compared), then the
              integer model's test-split accuracy through ORT, now proven bit-exact (the torch
              int64 reference over the whole split takes minutes on 2 cores; ORT takes seconds)
+    dynamic  the CPU user's INT8 route for comparison: the FP model through ORT's transformer
+             fusions and ``quantize_dynamic``, its accuracy on the same split
     tvm      TVM (llvm) build + parity on a smaller sample
-    report   CPU latency: a few rows (PyTorch FP32, ORT FP32, ORT INT8), one shape, few runs
+    report   CPU latency: PyTorch FP32, ORT FP32, ORT quantize_dynamic INT8, qexport ORT INT8,
+             TVM FP32 and qexport TVM INT8 at one shape, few runs; the headline is the fastest
+             exact qexport INT8 row against the fastest FP32 row
 
 Tokenised splits are cached in ``OUT/cache`` (keyed by tokenizer, task, split, max length and
 the rows' content), and a finished training run in ``OUT/train`` is reused, so a second
@@ -120,17 +124,17 @@ def _parity(ckpt: Path, backend: str, artifact: Path, task: str, split: str, lim
             "seconds": res["seconds"], "file": str(out_dir / "parity.json")}
 
 
-def _best_latency(rows: list[dict[str, Any]], precision: str) -> dict[str, Any] | None:
-    """The fastest ``ok`` point among the report rows of one precision."""
-    best: dict[str, Any] | None = None
-    for r in rows:
-        if r.get("precision") != precision or r.get("status") != "ok":
-            continue
-        for p in r["points"]:
-            if p.get("status") == "ok" and (best is None or p["median_ms"] < best["ms"]):
-                best = {"row": r["label"], "ms": round(float(p["median_ms"]), 2), "batch": p["batch"],
-                        "seq": p["seq"]}
-    return best
+def _round(x: Any, nd: int) -> float | None:
+    return None if x is None else round(float(x), nd)
+
+
+def _headline_point(head: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """The report headline's row of one precision: the fastest exact qexport INT8 row, or the
+    fastest FP32 row (see :func:`qexport.report.latency.headline`)."""
+    if head.get(f"{precision}_ms") is None:
+        return None
+    return {"row": head[f"{precision}_row"], "ms": round(float(head[f"{precision}_ms"]), 2),
+            "batch": head["batch"], "seq": head["seq"]}
 
 
 def run_demo(
@@ -145,6 +149,7 @@ def run_demo(
     report_batches: tuple[int, ...] = (8,),
     report_seqs: tuple[int, ...] = (64,),
     report_iters: int = 10,
+    report_backends: tuple[str, ...] = ("torch", "ort", "tvm"),
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns the summary (also ``out/summary.json``).
 
@@ -216,6 +221,15 @@ def run_demo(
         "integer_scored_by": scorer,
         "examples": ev.examples,
     }
+    if (train_dir / "fp").is_dir():
+        with clock("dynamic", "the CPU user's INT8 route: ORT quantize_dynamic of the FP model"):
+            from qexport.report.baselines import dynamic_int8_accuracy
+
+            dyn = dynamic_int8_accuracy(train_dir / "fp", rec.task, split, limit=limit, batch_size=64,
+                                        max_length=rec.max_length, work_dir=out / "dynamic-int8")
+            summary["accuracy"]["dynamic_int8"] = (
+                None if dyn.get("metric") is None else round(float(dyn["metric"]), 2)
+            )
 
     if tvm:
         with clock("tvm", "TVM (llvm): build + parity"):
@@ -234,15 +248,17 @@ def run_demo(
             from qexport.report.latency import run_report
 
             try:
-                rep = run_report(ckpt, None, ["torch", "ort"], "cpu", list(report_batches),
+                rep = run_report(ckpt, None, list(report_backends), "cpu", list(report_batches),
                                  list(report_seqs), report_iters, out / "report", warmup=2,
                                  point_budget_s=10.0)
             except BackendError as exc:
                 rep = {"rows": [], "error": str(exc)}
-            i8, f32 = _best_latency(rep["rows"], "int8"), _best_latency(rep["rows"], "fp32")
+            head = rep.get("headline", {})
             summary["cpu_latency"] = {
-                "int8": i8, "fp32": f32,
-                "fp32_over_int8": round(f32["ms"] / i8["ms"], 2) if i8 and f32 else None,
+                "int8": _headline_point(head, "int8"), "fp32": _headline_point(head, "fp32"),
+                "fp32_over_int8": _round(head.get("cpu_speedup_int8_vs_fp32"), 2),
+                "dynamic_ms": _round(head.get("dynamic_ms"), 2),
+                "dynamic_over_int8": _round(head.get("cpu_speedup_int8_vs_dynamic"), 2),
                 "iters": report_iters,
             }
             files["report"] = rep.get("report_md")
@@ -272,6 +288,9 @@ def summary_table(s: dict[str, Any]) -> Table:
     t.add_row(f"{acc.get('metric', 'metric')} (%)",
               f"FP {_fmt(acc.get('fp'), 2)}   QAT {_fmt(acc.get('qat'), 2)}   "
               f"integer {_fmt(acc.get('integer'), 2)} (scored by {acc.get('integer_scored_by')})")
+    if acc.get("dynamic_int8") is not None:
+        t.add_row("ORT quantize_dynamic", f"{_fmt(acc['dynamic_int8'], 2)} (the FP model, float "
+                                          "nonlinear ops, dynamic INT8 matmuls; not integer-only)")
     size = s.get("size")
     if size:
         t.add_row("size", f"{size['bytes'] / 1e6:.1f} MB vs {size['fp32_bytes'] / 1e6:.1f} MB FP32: "
@@ -290,6 +309,9 @@ def summary_table(s: dict[str, Any]) -> Table:
             t.add_row("CPU latency", f"INT8 {i8['ms']:.1f} ms ({i8['row']}) vs FP32 {f32['ms']:.1f} ms "
                                      f"({f32['row']}), batch {i8['batch']}, seq {i8['seq']}: "
                                      f"INT8 {lat['fp32_over_int8']:.2f}x as fast")
+            if lat.get("dynamic_ms") is not None:
+                t.add_row("", f"ORT quantize_dynamic {lat['dynamic_ms']:.1f} ms: qexport "
+                              f"{lat['dynamic_over_int8']:.2f}x as fast")
         else:
             t.add_row("CPU latency", "not measured (see the report)")
     tm = s.get("timings_s", {})

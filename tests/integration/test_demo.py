@@ -35,7 +35,8 @@ def test_demo_tiny(tmp_path: Path) -> None:
                    "test", limit=48, batch_size=64, max_length=64)
     assert ref.metric is not None and acc["integer"] == round(ref.metric["metric"], 2)
     assert acc["qat"] == round(train_summary["qat_metric"], 2)
-    assert set(s["timings_s"]) == {"train", "size", "onnx", "ort", "total"}
+    assert set(s["timings_s"]) == {"train", "size", "onnx", "ort", "dynamic", "total"}
+    assert isinstance(acc["dynamic_int8"], float)  # the FP model through ORT quantize_dynamic
     cache = sorted(p.name for p in (out / "cache").iterdir())
     assert [c.split("-")[1] for c in cache] == ["dev", "test", "train"]
 
@@ -43,6 +44,7 @@ def test_demo_tiny(tmp_path: Path) -> None:
     Console(file=text, width=200).print(demo.summary_table(s))
     screen = text.getvalue()
     assert str(out / "summary.json") in screen and "bit-exact" in screen
+    assert "ORT quantize_dynamic" in screen and f"{acc['dynamic_int8']:.2f} (the FP model" in screen
     assert f"integer {acc['integer']:.2f}" in screen and "{" not in screen  # no JSON dump
 
     # a second run reuses the finished training and the token cache
