@@ -5,9 +5,10 @@ module to :func:`build_cuda`, which
 
 1. rewrites the integer GEMMs so tensor cores can take them: ``MatMulInteger`` is already an
    ``int8 x int8 -> int32`` matmul (see ``tvm._int8_matmul_rewrite``); the ``--linear qdq``
-   form ``astype(matmul(dequantize(a:int8, 1, 0), dequantize(b:int8, 1, 0)), int32)`` becomes
-   the same integer matmul (:func:`qdq_matmul_rewrite`; exact w.r.t. the integer reference,
-   whose accumulator is an exact int32 -- the float32 GEMM it replaces is exact only below 2^24);
+   form ``Cast(MatMul(DequantizeLinear(a:int8, 1, 0), DequantizeLinear(b:int8, 1, 0)), int32)``
+   becomes the same integer matmul (:func:`qdq_matmul_rewrite`; exact w.r.t. the integer
+   reference, whose accumulator is an exact int32 -- the float32 GEMM it replaces is exact
+   only below 2^24);
 2. legalizes and fuses (TVM's CUDA pipeline) and schedules every PrimFunc **one at a time**:
    the dlight rules are tried in order (int8 WMMA, Matmul, GEMV, Reduction, GeneralReduction,
    Fallback); a rule that raises (dlight's analyses ``assert``), declines, or yields a function
@@ -48,6 +49,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -167,52 +169,84 @@ def _dtype(expr: Any) -> str:
     return str(getattr(dt, "dtype", dt))
 
 
-def _is_const_value(expr: Any, value: float) -> bool:
-    from tvm import relax
+def _const_is(expr: Any, value: float) -> bool:
+    """A relax constant whose every element equals ``value``."""
+    import numpy as np
+    from tvm.ir.expr import Constant
 
-    if not isinstance(expr, relax.Constant):
+    if not isinstance(expr, Constant):
         return False
-    arr = expr.data.numpy()
+    v = expr.value
+    arr = np.asarray(v.numpy() if hasattr(v, "numpy") else v)
     return bool(arr.size >= 1 and (arr == value).all())
 
 
 def qdq_matmul_rewrite(mod: Any) -> tuple[Any, int]:
-    """``astype(matmul(dequantize(a, 1, 0), dequantize(b, 1, 0)), int32)`` -> integer matmul.
+    """The ``--linear qdq`` GEMM, as TVM imports it, -> ``matmul(a, b, out_dtype=int32)``.
 
-    ``a``, ``b`` int8 (or ``a`` uint8), scales exactly 1 and zero points exactly 0: the float32
-    GEMM multiplies exact small integers, so its value is the integer dot product whenever
-    float32 holds it exactly (< 2^24), and the integer matmul is that dot product always --
-    the integer reference's semantics. Returns the module and the number of rewrites.
+    ONNX ``Cast(MatMul(DequantizeLinear(a, 1, 0), DequantizeLinear(b, 1, 0)), int32)`` with
+    ``a``, ``b`` int8 arrives as ``astype(where(m >= 2^31, m - 2^32, m), int32)`` with
+    ``m = floor_mod(astype(where(!isfinite(f), 0, f), int64), 2^32)`` and ``f`` the float32
+    matmul. The float32 GEMM multiplies exact small integers, so ``f`` is the integer dot
+    product whenever float32 holds it (< 2^24), and the wrap chain is the identity on int32
+    values: the integer matmul is that dot product always -- the integer reference's
+    semantics. Returns the module and the number of rewrites.
     """
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    a, b = wildcard(), wildcard()
-    sa, sb, za, zb = is_const(), is_const(), is_const(), is_const()
-    dqa = is_op("relax.dequantize")(a, sa, za)
-    dqb = is_op("relax.dequantize")(b, sb, zb)
-    mm = is_op("relax.matmul")(dqa, dqb)
-    pattern = is_op("relax.astype")(mm)
+    pattern = is_op("relax.astype")(wildcard())
     count = 0
 
-    def rewriter(expr: Any, matches: Any) -> Any:
-        nonlocal count
-        xa, xb = matches[a], matches[b]
-        if _dtype(expr) != "int32" or _dtype(xb) != "int8" or _dtype(xa) not in ("int8", "uint8"):
-            return expr
-        if not all(_is_const_value(matches[s], 1.0) for s in (sa, sb)):
-            return expr
-        if not all(_is_const_value(matches[z], 0) for z in (za, zb)):
-            return expr
-        count += 1
-        return relax.op.matmul(xa, xb, out_dtype="int32")
+    def rewrite_func(func: Any) -> Any:
+        var2val = relax.analysis.get_var2val(func)
+
+        def call(expr: Any, name: str) -> Any:
+            while isinstance(expr, relax.Var) and expr in var2val:
+                expr = var2val[expr]
+            if isinstance(expr, relax.Call) and getattr(expr.op, "name", None) == name:
+                return expr
+            return None
+
+        def operand(dq: Any) -> Any:
+            c = call(dq, "relax.dequantize")
+            if c is None or not _const_is(c.args[1], 1.0) or not _const_is(c.args[2], 0):
+                return None
+            return c.args[0] if _dtype(c.args[0]) == "int8" else None
+
+        def rewriter(expr: Any, _matches: Any) -> Any:
+            nonlocal count
+            if _dtype(expr) != "int32":
+                return expr
+            w = call(expr.args[0], "relax.where")
+            fm = call(w.args[2], "relax.floor_mod") if w is not None else None
+            if (
+                fm is None
+                or not _const_is(fm.args[1], 2**32)
+                or call(w.args[0], "relax.greater_equal") is None
+            ):
+                return expr
+            a64 = call(fm.args[0], "relax.astype")
+            guard = call(a64.args[0], "relax.where") if a64 is not None else None
+            mm = call(guard.args[2], "relax.matmul") if guard is not None else None
+            if mm is None or not _const_is(guard.args[1], 0.0):
+                return expr
+            xa, xb = operand(mm.args[0]), operand(mm.args[1])
+            if xa is None or xb is None:
+                return expr
+            count += 1
+            return relax.op.matmul(xa, xb, out_dtype="int32")
+
+        return rewrite_call(pattern, rewriter, func)
 
     new_funcs = {}
     for gv, func in mod.functions.items():
         if isinstance(func, relax.Function):
-            new_funcs[gv] = rewrite_call(pattern, rewriter, func)
+            new_funcs[gv] = rewrite_func(func)
     for gv, func in new_funcs.items():
         mod[gv] = func
+    if count:
+        mod = relax.transform.DeadCodeElimination()(mod)
     return mod, count
 
 
@@ -306,6 +340,24 @@ def _lowered_calls(mod: Any) -> set[str]:
     return names
 
 
+def _host_stores(func: Any) -> bool:
+    """Whether a lowered host function stores to a global buffer (work left outside any kernel).
+
+    TVM's ``VerifyMemory`` flags this ("Did you forget to bind?") for some functions but lets
+    others through to code generation; this check covers them all.
+    """
+    import tvm_ffi
+    from tvm import tirx
+
+    scopes: list[str] = []
+
+    def visit(node: Any) -> None:
+        scopes.append(str(node.buffer.scope()))
+
+    tvm_ffi.structural_walk(func.body, [(tirx.BufferStore, visit)], order="post")
+    return "global" in scopes
+
+
 def _block_threads(func: Any) -> int:
     """Largest constant threads-per-block product among a lowered kernel's ``threadIdx`` launches."""
     import tvm_ffi
@@ -345,7 +397,15 @@ def gpu_verify(func: Any, name: str, target: Any) -> tuple[str | None, bool]:
         return one_line(exc), False
     max_threads = int(target.attrs.get("max_num_threads", 1024))
     for gv, f in lowered.functions.items():
-        if isinstance(f, tirx.PrimFunc):
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        cc = f.attrs.get("calling_conv") if f.attrs is not None else None
+        if (cc is None or int(cc) != 2) and _host_stores(f):  # 2: kDeviceKernelLaunch
+            return (
+                f"{gv.name_hint} writes device memory from host code (no thread binding): "
+                "did you forget to bind?"
+            ), False
+        if cc is not None and int(cc) == 2:
             threads = _block_threads(f)
             if threads > max_threads:
                 return f"kernel {gv.name_hint} launches {threads} threads per block (> {max_threads})", False
@@ -361,6 +421,7 @@ class ScheduleLog:
     int8_gemm: dict[str, bool] = field(default_factory=dict)
     failed: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     fatal: str | None = None
+    seconds: Counter = field(default_factory=Counter)
 
 
 def schedule_pass(target: Any, rules: list[tuple[str, Any]], log: ScheduleLog) -> Any:
@@ -379,17 +440,22 @@ def schedule_pass(target: Any, rules: list[tuple[str, Any]], log: ScheduleLog) -
             name = gv.name_hint
             errors: list[dict[str, str]] = []
             for rule_name, rule in rules:
+                t0 = time.perf_counter()
                 try:
                     sch = rule.apply(func, target, False)
                 except Exception as exc:  # noqa: BLE001 - dlight asserts/raises: try the next rule
                     errors.append({"rule": rule_name, "error": one_line(exc)})
                     continue
+                finally:
+                    log.seconds["schedule"] += time.perf_counter() - t0
                 if sch is None:
                     continue
                 if isinstance(sch, list):
                     sch = sch[0]
                 new = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                t0 = time.perf_counter()
                 problem, tc = gpu_verify(new, name, target)
+                log.seconds["verify"] += time.perf_counter() - t0
                 if problem is not None:
                     errors.append({"rule": rule_name, "error": problem})
                     continue
@@ -527,19 +593,23 @@ def patch_library_bin(blob: bytes, cuda_source: str, fatbin: bytes) -> bytes:
     return bytes(out)
 
 
-def _c_blob(name: str, data: bytes) -> str:
-    rows = [",".join(f"0x{b:02x}" for b in data[i : i + 32]) for i in range(0, len(data), 32)]
+def _asm_blob(name: str, blob_path: Path) -> str:
+    """Assembly defining the global ``name`` as the bytes of ``blob_path`` (``.incbin``).
+
+    The packed imports hold the VM's constants (the model's weights): as a C array of hex
+    literals they cost the C compiler minutes and gigabytes; the assembler copies the file.
+    """
     return (
-        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
-        f"extern const unsigned char {name}[];\n"
-        f"const unsigned char {name}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
-        "#ifdef __cplusplus\n}\n#endif\n"
+        ".section .rodata\n.p2align 4\n"
+        f".globl {name}\n.type {name}, @object\n{name}:\n"
+        f'.incbin "{blob_path}"\n.size {name}, . - {name}\n'
+        '.section .note.GNU-stack,"",@progbits\n'
     )
 
 
 def _blob_from_packed_c(c_src: str) -> bytes:
     body = c_src[c_src.index("] = {") + 5 : c_src.rindex("};")]
-    return bytes(int(tok, 16) for tok in body.replace("\n", "").split(",") if tok.strip())
+    return bytes.fromhex(body.replace("0x", "").replace(",", "").replace("\n", "").replace(" ", ""))
 
 
 def export_cuda_aot(ex_mod: Any, lib_path: Path, arch: str, work: Path) -> int:
@@ -557,8 +627,10 @@ def export_cuda_aot(ex_mod: Any, lib_path: Path, arch: str, work: Path) -> int:
         packed_c = str(_ffi_api.ModulePackImportsToC(mod, is_system_lib, prefix))
         sym = packed_c.split("const unsigned char ", 1)[1].split("[", 1)[0]
         blob = patch_library_bin(_blob_from_packed_c(packed_c), source, fatbin)
-        path = os.path.join(workspace_dir, "devc_aot.c")
-        Path(path).write_text(_c_blob(sym, blob))
+        blob_path = Path(workspace_dir) / "devc_aot.bin"
+        blob_path.write_bytes(blob)
+        path = os.path.join(workspace_dir, "devc_aot.S")
+        Path(path).write_text(_asm_blob(sym, blob_path))
         return path
 
     ex_mod.export_library(str(lib_path), fpack_imports=fpack)
@@ -642,6 +714,7 @@ def build_cuda(mod: Any, target: Any, lib_path: Path, work: Path, *, n_int8: int
     mod, n_qdq = qdq_matmul_rewrite(mod)
     log = ScheduleLog()
     rules = dlight_rules(tensor_cores=tensorize and has_int8_tensor_cores(arch))
+    t0 = time.perf_counter()
     try:
         with cheap_inspect_stack():
             ex = tvm.compile(mod, target, relax_pipeline=cuda_pipeline(target, rules, log, tensorize))
@@ -651,10 +724,17 @@ def build_cuda(mod: Any, target: Any, lib_path: Path, work: Path, *, n_int8: int
         if log.fatal is not None:
             raise BackendError(log.fatal) from None
         raise BackendError(f"TVM CUDA build failed for {arch}: {one_line(exc)}") from None
+    t1 = time.perf_counter()
     cuda_mod = find_cuda_module(ex.mod)
     cuda_src = str(cuda_mod.inspect_source("cuda")) if cuda_mod is not None else ""
     fatbin_bytes = export_cuda_aot(ex.mod, lib_path, arch, work)
     meta = _summary(log, cuda_src, n_int8, n_qdq, arch, tensorize)
+    meta["cuda_build_seconds"] = {
+        "compile": round(t1 - t0, 2),
+        "of_which_schedule": round(log.seconds["schedule"], 2),
+        "of_which_verify": round(log.seconds["verify"], 2),
+        "nvcc_and_export": round(time.perf_counter() - t1, 2),
+    }
     meta["cuda_aot"] = {"compiler": "nvcc", "format": "fatbin", "bytes": fatbin_bytes}
     meta["tensorize"] = tensorize
     return CudaBuild(meta=meta)
