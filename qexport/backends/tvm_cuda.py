@@ -229,7 +229,7 @@ def qdq_matmul_rewrite(mod: Any) -> tuple[Any, int]:
             a64 = call(fm.args[0], "relax.astype")
             guard = call(a64.args[0], "relax.where") if a64 is not None else None
             mm = call(guard.args[2], "relax.matmul") if guard is not None else None
-            if mm is None or not _const_is(guard.args[1], 0.0):
+            if guard is None or mm is None or not _const_is(guard.args[1], 0.0):
                 return expr
             xa, xb = operand(mm.args[0]), operand(mm.args[1])
             if xa is None or xb is None:
@@ -421,7 +421,7 @@ class ScheduleLog:
     int8_gemm: dict[str, bool] = field(default_factory=dict)
     failed: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     fatal: str | None = None
-    seconds: Counter = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=lambda: {"schedule": 0.0, "verify": 0.0})
 
 
 def schedule_pass(target: Any, rules: list[tuple[str, Any]], log: ScheduleLog) -> Any:
