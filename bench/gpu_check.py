@@ -297,13 +297,13 @@ def _parity(name: str, ckpt: Path, art: Path, device: str, seqs: list[int]) -> d
     total = mism = 0
     shapes = []
     for i, seq in enumerate(seqs):
-        feeds = _ragged(4, seq, vocab, seed=i)
+        feeds = _ragged(8, seq, vocab, seed=i)
         got = np.asarray(runner.run(feeds)["logits_int"]).astype(np.int64)
         with torch.no_grad():
             exp = ref(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
         total += exp.size
         mism += int((got != exp).sum())
-        shapes.append([4, seq])
+        shapes.append([8, seq])
     return {"model": name, "shapes": shapes, "elements": total, "mismatches": mism, "ok": mism == 0}
 
 
