@@ -188,7 +188,7 @@ def pack(args: argparse.Namespace) -> None:
     """Cut ``artifacts/gpu`` (a tar stream) into ``artifacts/gpu-carry/part-K`` of at most 58 MB."""
     import tarfile
 
-    src: Path = args.out
+    src: Path = args.out.resolve()
     dest = src.parent / (src.name + "-carry")
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
