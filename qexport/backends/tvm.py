@@ -26,45 +26,42 @@ GPU schedules can use int8 tensor cores (WMMA m16n16k16, int32 accumulation). Al
 go through TVM's ONNX frontend unchanged. Integer division by zero kills the process
 (SIGFPE): the graph contract requires guarded divisors.
 
-Known TVM 0.27.0.post1 problems handled here:
-
-* ``Schedule.tensorize`` deep-copies the intrinsic through ``ffi::ToJSONGraph``, which
-  segfaults when apache-tvm-ffi is 0.1.15.x (ABI mismatch; works with 0.1.14.post0). We probe
-  JSON serialisation in a subprocess and, when it crashes, mark every PrimFunc
-  ``dlight.do_not_tensorize`` so ``dl.gpu.Matmul`` uses its SIMT schedule (int32 accumulate).
-* dlight's int8 WMMA rule annotates a software pipeline that ``InjectSoftwarePipeline``
-  rejects for int8 fragments; our rule strips those annotations.
-* TVMScript parsing of the CUDA tensor intrinsics calls ``inspect.stack()``, which takes
-  minutes with torch imported; we swap in a cheap frame walk while the intrinsics load.
+CUDA targets are built by ``qexport.backends.tvm_cuda`` (per-PrimFunc dlight scheduling with
+GPU verification, int8 tensor cores, nvcc ahead of time); it records what it did in the
+sidecar (``schedule``, ``tensor_cores``, ``cuda_aot``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
-import linecache
 import os
 import platform
 import shutil
-import struct
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 
 from qexport.backends.base import Backend, Runner
+from qexport.backends.tvm_cuda import NVCC_DEFAULT, build_cuda, tensorize_works
+from qexport.backends.tvm_cuda import cheap_inspect_stack as _cheap_inspect_stack
+from qexport.backends.tvm_cuda import patch_library_bin as _patch_library_bin
 from qexport.errors import BackendError
+from qexport.io import atomic_directory
+
+__all__ = [
+    "NVCC_DEFAULT",
+    "TVMBackend",
+    "TVMRunner",
+    "_cheap_inspect_stack",
+    "_patch_library_bin",
+    "tensorize_works",
+]
 
 LIB_NAME = "lib.so"
 SIDECAR_NAME = "tvm.json"
-NVCC_DEFAULT = "/usr/local/cuda/bin/nvcc"
 
 _TARGET_ALIASES: dict[str, Any] = {
     "cuda": {"kind": "cuda", "arch": "sm_75"},
@@ -96,57 +93,6 @@ def _host_cpu_flags() -> set[str]:
         if line.startswith("flags"):
             return set(line.split(":", 1)[1].split())
     return set()
-
-
-def _fast_stack(context: int = 1) -> list[inspect.FrameInfo]:
-    """``inspect.stack`` without ``inspect.getmodule`` (O(frames x sys.modules) with torch)."""
-    out = []
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        fname = frame.f_code.co_filename
-        line = linecache.getline(fname, frame.f_lineno) if context > 0 else ""
-        out.append(
-            inspect.FrameInfo(
-                frame,
-                fname,
-                frame.f_lineno,
-                frame.f_code.co_name,
-                [line] if line else None,
-                0 if line else None,
-            )
-        )
-        frame = frame.f_back
-    return out
-
-
-@contextlib.contextmanager
-def _cheap_inspect_stack() -> Iterator[None]:
-    orig = inspect.stack
-    inspect.stack = _fast_stack
-    try:
-        yield
-    finally:
-        inspect.stack = orig
-
-
-_TENSORIZE_OK: bool | None = None
-
-
-def tensorize_works() -> bool:
-    """Whether ``Schedule.tensorize`` can run in this install (probed once, in a subprocess).
-
-    Tensorize deep-copies through ``tvm.ir.save_json``'s C++ path; with a mismatched
-    apache-tvm-ffi that segfaults, so the probe must not run in this process.
-    """
-    global _TENSORIZE_OK
-    if _TENSORIZE_OK is None:
-        code = "import tvm; tvm.ir.save_json(tvm.tirx.IntImm('int32', 1)); print('ok')"
-        try:
-            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-            _TENSORIZE_OK = res.returncode == 0 and "ok" in res.stdout
-        except (OSError, subprocess.TimeoutExpired):
-            _TENSORIZE_OK = False
-    return _TENSORIZE_OK
 
 
 def _resolve_target_spec(target: str | Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -279,205 +225,6 @@ def _int8_matmul_rewrite(mod: Any) -> tuple[Any, int]:
     return mod, count
 
 
-def _is_int8_matmul(func: Any) -> bool:
-    """A PrimFunc whose reduction block is a matmul of two int8 buffers into int32 (any size: padded)."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir.dlight.gpu import matmul as dlm
-
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    try:
-        sch = s_tir.Schedule(func)
-        blocks = sch.get_child_blocks(dlm.get_root_block(sch))
-        red = dlm.get_reduction_blocks(sch, blocks)
-        if not red:
-            return False
-        block = sch.get(red[0])
-        if len(block.reads) != 2 or dlm.get_index_map(block) is None:
-            return False
-        if tuple(dlm.get_in_out_dtypes(block)) != ("int8", "int32"):
-            return False
-    except Exception:  # noqa: BLE001 - not analysable: not a matmul we tensorize
-        return False
-    return True
-
-
-def _int8_wmma_rule() -> Any:
-    """dlight rule: dlight's int8 WMMA tensorization minus the software-pipeline annotations."""
-    from tvm.s_tir.dlight import gpu as dlgpu
-    from tvm.s_tir.dlight.gpu.matmul import MatmulInt8Tensorization
-
-    class Int8WMMA(dlgpu.Matmul):
-        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            if not _is_int8_matmul(func):
-                return None  # dlight's int8 rule assumes a 2-input matmul block
-            try:
-                sch = MatmulInt8Tensorization().apply(func, target, tunable)
-            except Exception:  # noqa: BLE001 - any scheduling failure: let the SIMT rule run
-                return None
-            if sch is None:
-                return None
-            root = sch.mod["main"].body.block.name_hint
-            stack = list(sch.get_child_blocks(sch.get_sblock(root)))
-            while stack:
-                blk = stack.pop()
-                stack.extend(sch.get_child_blocks(blk))
-                for loop in sch.get_loops(blk):
-                    for key in list(sch.get(loop).annotations.keys()):
-                        if str(key).startswith("software_pipeline"):
-                            sch.unannotate(loop, key)
-            return sch
-
-    return Int8WMMA()
-
-
-def _cuda_pipeline(target: Any, tensorize: bool) -> Any:
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cuda import pipeline as cuda_pipe
-    from tvm.s_tir import dlight as dl
-
-    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
-    if tensorize:
-        rules.insert(0, _int8_wmma_rule())
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _no_tensorize(mod: Any, _ctx: Any) -> Any:
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc):
-                mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
-        return mod
-
-    legalize = [
-        relax.transform.LegalizeOps(),
-        relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
-        relax.transform.FuseOps(),
-        relax.transform.FuseTIR(),
-    ]
-    if not tensorize:
-        legalize.append(_no_tensorize)
-    legalize.append(dl.ApplyDefaultSchedule(*rules))
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target, _cheap_inspect_stack():
-            seq = tvm.transform.Sequential(
-                cuda_pipe.library_dispatch_passes(target)
-                + legalize
-                + cuda_pipe.dataflow_lower_passes(target)
-                + cuda_pipe.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
-
-
-def _find_cuda_module(mod: Any) -> Any:
-    if mod.kind == "cuda":
-        return mod
-    for sub in mod.imports:
-        found = _find_cuda_module(sub)
-        if found is not None:
-            return found
-    return None
-
-
-def _nvcc_fatbin(source: str, arch: str, workdir: Path) -> bytes:
-    nvcc = shutil.which("nvcc") or (NVCC_DEFAULT if Path(NVCC_DEFAULT).exists() else None)
-    if nvcc is None:
-        raise BackendError(
-            "nvcc not found: CUDA targets are compiled ahead of time with nvcc",
-            hint="install the CUDA toolkit or put nvcc on PATH",
-        )
-    src, out = workdir / "kernels.cu", workdir / "kernels.fatbin"
-    src.write_text(source)
-    cmd = [nvcc, "--fatbin", "-O3", f"-arch={arch}", "-diag-suppress=177", "-o", str(out), str(src)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise BackendError(f"nvcc failed for {arch}: {res.stderr.strip()[-800:]}")
-    return out.read_bytes()
-
-
-def _u64(buf: bytes, pos: int) -> tuple[int, int]:
-    return struct.unpack_from("<Q", buf, pos)[0], pos + 8
-
-
-def _patch_library_bin(blob: bytes, cuda_source: str, fatbin: bytes) -> bytes:
-    """Swap the CUDA module's raw source for a fatbin inside a packed ``__tvm_ffi__library_bin``.
-
-    Layout (tvm-ffi): u64 payload size | u64-vector import row ptr | u64-vector child ids |
-    per module: str kind [, u64-len bytes] (``_lib`` entries carry no bytes). A CUDA module's
-    bytes are ``str fmt | fmap | u64-len code`` with fmt ``cuda`` and code = the source.
-    """
-    pos = 8
-    n_row, pos = _u64(blob, pos)
-    pos += 8 * n_row
-    n_child, pos = _u64(blob, pos)
-    pos += 8 * n_child
-    src_b = cuda_source.encode()
-    out = bytearray(blob[:pos])
-    patched = False
-    while pos < len(blob):
-        klen, pos = _u64(blob, pos)
-        kind = blob[pos : pos + klen].decode()
-        out += blob[pos - 8 : pos + klen]
-        pos += klen
-        if kind == "_lib":
-            continue
-        blen, pos = _u64(blob, pos)
-        body = blob[pos : pos + blen]
-        pos += blen
-        tail = struct.pack("<Q", len(src_b)) + src_b
-        if kind == "cuda" and body[:12] == struct.pack("<Q", 4) + b"cuda" and body.endswith(tail):
-            fmap = body[12 : len(body) - len(tail)]
-            body = struct.pack("<Q", 6) + b"fatbin" + fmap + struct.pack("<Q", len(fatbin)) + fatbin
-            patched = True
-        out += struct.pack("<Q", len(body)) + body
-    if not patched:
-        raise BackendError("could not find the CUDA source module in the packed library")
-    out[:8] = struct.pack("<Q", len(out) - 8)
-    return bytes(out)
-
-
-def _c_blob(name: str, data: bytes) -> str:
-    rows = [",".join(f"0x{b:02x}" for b in data[i : i + 32]) for i in range(0, len(data), 32)]
-    return (
-        '#ifdef __cplusplus\nextern "C" {\n#endif\n'
-        f"extern const unsigned char {name}[];\n"
-        f"const unsigned char {name}[{len(data)}] = {{\n" + ",\n".join(rows) + "\n};\n"
-        "#ifdef __cplusplus\n}\n#endif\n"
-    )
-
-
-def _blob_from_packed_c(c_src: str) -> bytes:
-    body = c_src[c_src.index("] = {") + 5 : c_src.rindex("};")]
-    return bytes(int(tok, 16) for tok in body.replace("\n", "").split(",") if tok.strip())
-
-
-def _export_cuda_aot(ex_mod: Any, lib_path: Path, arch: str, work: Path) -> int:
-    """``export_library`` with the CUDA kernels compiled to a fatbin now (not at load)."""
-    from tvm.runtime import _ffi_api
-
-    cuda_mod = _find_cuda_module(ex_mod)
-    if cuda_mod is None:
-        ex_mod.export_library(str(lib_path))
-        return 0
-    source = str(cuda_mod.inspect_source("cuda"))
-    fatbin = _nvcc_fatbin(source, arch, work)
-
-    def fpack(mod: Any, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
-        packed_c = str(_ffi_api.ModulePackImportsToC(mod, is_system_lib, prefix))
-        sym = packed_c.split("const unsigned char ", 1)[1].split("[", 1)[0]
-        blob = _patch_library_bin(_blob_from_packed_c(packed_c), source, fatbin)
-        path = os.path.join(workspace_dir, "devc_aot.c")
-        Path(path).write_text(_c_blob(sym, blob))
-        return path
-
-    ex_mod.export_library(str(lib_path), fpack_imports=fpack)
-    return len(fatbin)
-
-
 def _to_py(obj: Any) -> Any:
     """tvm-ffi containers (Map/Array/IntImm/String) -> plain JSON-able Python."""
     if isinstance(obj, (bool, int, float, str)) or obj is None:
@@ -491,15 +238,13 @@ def _to_py(obj: Any) -> Any:
     return str(obj)
 
 
-def _matmul_strategy(cuda_src: str, is_cuda: bool, n_int8: int, tensorize: bool) -> str:
+def _matmul_strategy(is_cuda: bool, n_int8: int) -> str:
+    """The llvm strategy; CUDA builds replace it with ``tvm_cuda``'s per-function record."""
     if n_int8 == 0:
         return "none (no MatMulInteger in graph)"
     if not is_cuda:
         return "llvm: int8 x int8 -> int32 matmul, LLVM auto-vectorised (int32 accumulate)"
-    if "wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, signed char" in cuda_src:
-        return "cuda: int8 tensor cores (WMMA m16n16k16, int32 accumulate) via dlight int8 rule"
-    why = "" if tensorize else " (tensorize disabled: tvm-ffi ToJSONGraph crash)"
-    return f"cuda: dlight SIMT matmul, int8 loads, int32 accumulate on CUDA cores{why}"
+    return "cuda: see schedule / tensor_cores"
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,22 +373,12 @@ class TVMBackend(Backend):
             raise BackendError(f"TVM ONNX import failed: {str(exc).strip().splitlines()[-1]}") from None
         mod, n_int8 = _int8_matmul_rewrite(mod)
 
-        tensorize = is_cuda and tensorize_works()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            fatbin_bytes = 0
-            cuda_src = ""
+        tensorize = False
+        with atomic_directory(out_dir) as tmp:
+            cuda_meta: dict[str, Any] = {}
             cpu_meta: dict[str, Any] = {}
             if is_cuda:
-                arch = str(target.attrs.get("arch", "sm_75"))
-                with _cheap_inspect_stack():
-                    ex = tvm.compile(mod, target, relax_pipeline=_cuda_pipeline(target, tensorize))
-                cuda_mod = _find_cuda_module(ex.mod)
-                cuda_src = str(cuda_mod.inspect_source("cuda")) if cuda_mod is not None else ""
-                fatbin_bytes = _export_cuda_aot(ex.mod, tmp / LIB_NAME, arch, tmp)
-                for junk in ("kernels.cu", "kernels.fatbin"):
-                    (tmp / junk).unlink(missing_ok=True)
+                cuda_meta = build_cuda(mod, target, tmp / LIB_NAME, tmp, n_int8=n_int8).meta
             else:
                 cpu_meta = self._compile_llvm(
                     mod, target, model, out_dir, tmp,
@@ -663,27 +398,15 @@ class TVMBackend(Backend):
                 "onnx": str(model),
                 "build_seconds": round(time.time() - t0, 3),
                 "library_bytes": (tmp / LIB_NAME).stat().st_size,
-                "cuda_aot": {"compiler": "nvcc", "format": "fatbin", "bytes": fatbin_bytes}
-                if is_cuda
-                else None,
+                "cuda_aot": None,
                 "int8_matmuls": n_int8,
                 "tensorize": tensorize,
-                "int8_matmul_strategy": _matmul_strategy(cuda_src, is_cuda, n_int8, tensorize),
+                "int8_matmul_strategy": _matmul_strategy(is_cuda, n_int8),
                 "host": platform.machine(),
             }
-            if not is_cuda:
-                meta.update(cpu_meta)
+            meta.update(cuda_meta)  # CUDA: schedule rules, tensor cores, nvcc fatbin (tvm_cuda)
+            meta.update(cpu_meta)  # llvm: schedule rules, int8 GEMM kernels, tuning (tvm_cpu)
             (tmp / SIDECAR_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-            if out_dir.exists():
-                old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out_dir
 
     @staticmethod
