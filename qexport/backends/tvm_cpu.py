@@ -15,6 +15,11 @@ pipeline with three additions:
     indexed by ``input_ids`` (user data: not provably in range) and lookup tables indexed by
     values the graph clamps; ``clip`` costs one min/max per index and returns the same element
     for every in-range index;
+  - ``divide(x, 2^k)`` with an integer ``x`` provably >= 0 (a small forward analysis over the
+    bindings, :func:`_nonneg_bindings`) and a divisor that is a constant of positive powers of two
+    or a ``take`` from such a table -> ``right_shift(x, k)`` (``take(log2(table), index)``):
+    truncating division of a non-negative value by ``2^k`` is the shift, and a shift vectorises
+    (x86 has no vector integer division). The sidecar counts the divides rewritten and left;
   - when :mod:`qexport.backends.tvm_gemm` is present, its ``lower_int8_matmuls`` replaces the int8
     matmuls by already scheduled kernels (marked ``qexport.scheduled``).
 
@@ -197,7 +202,7 @@ _NONNEG_ALL = frozenset(
 )
 _NONNEG_FIRST = frozenset(
     {"relax.broadcast_to", "relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze",
-     "relax.take"}
+     "relax.take", "relax.sum", "relax.max", "relax.min"}
 )
 
 
@@ -209,7 +214,8 @@ def _nonneg_bindings(func: Any) -> set[Any]:
     ``right_shift`` of non-negatives; ``maximum`` with one non-negative argument; ``clip`` with a
     non-negative lower bound; ``where`` choosing between non-negatives; ``negative(negative(x))``
     of a non-negative ``x``; ``take`` from a non-negative table; ``broadcast_to``/``reshape``/
-    ``permute_dims``/``expand_dims``/``squeeze`` of a non-negative; ``astype`` from a narrower
+    ``permute_dims``/``expand_dims``/``squeeze`` and ``sum``/``max``/``min`` reductions of a
+    non-negative; ``multiply(y, y)``; ``astype`` from a narrower
     unsigned type, or widening a non-negative. Everything else (function parameters included)
     is unknown. Wrap-around cannot break this: the integer model keeps every value in int32
     (:mod:`qexport.ops.kernels` asserts the bounds), so a sum or product of non-negatives stays
@@ -233,6 +239,8 @@ def _nonneg_bindings(func: Any) -> set[Any]:
             return True
         if name in _NONNEG_ALL:
             return all(nonneg(a) for a in args)
+        if name == "relax.multiply" and args[0].same_as(args[1]):
+            return True  # a square
         if name == "relax.maximum":
             return any(nonneg(a) for a in args)
         if name in _NONNEG_FIRST:
