@@ -15,6 +15,11 @@ pipeline with three additions:
     indexed by ``input_ids`` (user data: not provably in range) and lookup tables indexed by
     values the graph clamps; ``clip`` costs one min/max per index and returns the same element
     for every in-range index;
+  - ``divide(x, 2^k)`` with an integer ``x`` provably >= 0 (a small forward analysis over the
+    bindings, :func:`_nonneg_bindings`) and a divisor that is a constant of positive powers of two
+    or a ``take`` from such a table -> ``right_shift(x, k)`` (``take(log2(table), index)``):
+    truncating division of a non-negative value by ``2^k`` is the shift, and a shift vectorises
+    (x86 has no vector integer division). The sidecar counts the divides rewritten and left;
   - when :mod:`qexport.backends.tvm_gemm` is present, its ``lower_int8_matmuls`` replaces the int8
     matmuls by already scheduled kernels (marked ``qexport.scheduled``).
 
@@ -158,6 +163,198 @@ def _take_clip(mod: Any) -> tuple[Any, int]:
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(pattern, rewriter, func)
     return mod, count
+
+
+def _const_array(expr: Any) -> Any | None:
+    """The values of a Relax constant, else ``None``."""
+    import numpy as np
+    import tvm
+
+    if isinstance(expr, tvm.ir.GenericConst) and hasattr(expr.value, "numpy"):
+        return np.asarray(expr.value.numpy())
+    return None
+
+
+def _dtype(expr: Any) -> str:
+    dt = getattr(getattr(expr, "ty", None), "dtype", "")
+    return str(getattr(dt, "dtype", dt))
+
+
+def _is_int(dtype: str) -> bool:
+    return dtype.startswith(("int", "uint"))
+
+
+def _bits_of(dtype: str) -> int:
+    digits = "".join(ch for ch in dtype if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def _prim_int(expr: Any) -> int | None:
+    """An integer literal argument (``IntImm`` or ``PrimValue`` of one), else ``None``."""
+    val = getattr(expr, "value", None)
+    val = getattr(val, "value", val)
+    return int(val) if isinstance(val, int) else None
+
+
+_NONNEG_ALL = frozenset(
+    {"relax.add", "relax.multiply", "relax.minimum", "relax.divide", "relax.floor_divide",
+     "relax.right_shift"}
+)
+_NONNEG_FIRST = frozenset(
+    {"relax.broadcast_to", "relax.reshape", "relax.permute_dims", "relax.expand_dims", "relax.squeeze",
+     "relax.take", "relax.sum", "relax.max", "relax.min"}
+)
+
+
+def _nonneg_bindings(func: Any) -> set[Any]:
+    """The Relax variables of ``func`` whose integer values are provably >= 0.
+
+    One forward pass over the bindings (they are in dependency order), conservative: ``abs``;
+    constants with no negative element; ``add``/``multiply``/``minimum``/``divide``/
+    ``right_shift`` of non-negatives; ``maximum`` with one non-negative argument; ``clip`` with a
+    non-negative lower bound; ``where`` choosing between non-negatives; ``negative(negative(x))``
+    of a non-negative ``x``; ``take`` from a non-negative table; ``broadcast_to``/``reshape``/
+    ``permute_dims``/``expand_dims``/``squeeze`` and ``sum``/``max``/``min`` reductions of a
+    non-negative; ``multiply(y, y)``; ``astype`` from a narrower
+    unsigned type, or widening a non-negative. Everything else (function parameters included)
+    is unknown. Wrap-around cannot break this: the integer model keeps every value in int32
+    (:mod:`qexport.ops.kernels` asserts the bounds), so a sum or product of non-negatives stays
+    non-negative and ``abs`` never sees INT32_MIN.
+    """
+    from tvm import relax
+
+    known: set[Any] = set()
+    values: dict[Any, Any] = {}
+
+    def nonneg(expr: Any) -> bool:
+        if isinstance(expr, relax.Var):
+            return expr in known
+        arr = _const_array(expr)
+        return arr is not None and arr.dtype.kind in "iub" and bool((arr >= 0).all())
+
+    def rule(call: Any) -> bool:
+        name = getattr(call.op, "name", "")
+        args = list(call.args)
+        if name == "relax.abs":
+            return True
+        if name in _NONNEG_ALL:
+            return all(nonneg(a) for a in args)
+        if name == "relax.multiply" and args[0].same_as(args[1]):
+            return True  # a square
+        if name == "relax.maximum":
+            return any(nonneg(a) for a in args)
+        if name in _NONNEG_FIRST:
+            return nonneg(args[0])
+        if name == "relax.where":
+            return nonneg(args[1]) and nonneg(args[2])
+        if name == "relax.clip":
+            low = _prim_int(args[1])
+            return low is not None and low >= 0
+        if name == "relax.negative":
+            inner = values.get(args[0])
+            return (
+                isinstance(inner, relax.Call)
+                and getattr(inner.op, "name", "") == "relax.negative"
+                and nonneg(inner.args[0])
+            )
+        if name == "relax.astype":
+            src, dst = _dtype(args[0]), _dtype(call)
+            if src == "bool" or (src.startswith("uint") and _bits_of(dst) > _bits_of(src)):
+                return True
+            return src.startswith("int") and _bits_of(dst) >= _bits_of(src) and nonneg(args[0])
+        return False
+
+    for block in getattr(func.body, "blocks", []):
+        for binding in block.bindings:
+            value = getattr(binding, "value", None)
+            values[binding.var] = value
+            if not isinstance(value, relax.Call) or not _is_int(_dtype(binding.var)):
+                continue
+            if rule(value):
+                known.add(binding.var)
+    return known
+
+
+def _log2_exact(arr: Any) -> Any | None:
+    """Element-wise log2 of an integer array whose every element is a positive power of two."""
+    import numpy as np
+
+    if arr.dtype.kind not in "iu" or arr.size == 0 or not bool((arr > 0).all()):
+        return None
+    wide = arr.astype(np.int64)
+    if not bool(((wide & (wide - 1)) == 0).all()):
+        return None
+    shift = np.zeros(wide.shape, np.int64)
+    rest = wide.copy()
+    while bool((rest > 1).any()):
+        shift += rest > 1
+        rest = np.where(rest > 1, rest >> 1, rest)
+    return shift.astype(arr.dtype)
+
+
+def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int]:
+    """``divide(x, 2^k)`` -> ``right_shift(x, k)`` for integer ``x`` provably >= 0 (exact).
+
+    The divisor is a constant whose every element is a positive power of two (per-channel
+    requantization shifts) or a ``take`` from such a constant table (the integer model's shift
+    tables, e.g. LayerNorm's per-row shift): then ``take(log2(table), index)`` with the same
+    index, axis and mode. Truncating division of a non-negative integer by ``2^k`` is the
+    arithmetic right shift by ``k``, and a shift vectorises on x86 (``vpsravd``) where integer
+    division does not. Returns the module, the divides rewritten and the integer divides left.
+    """
+    import numpy as np
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Shifts(PyExprMutator):
+        def __init__(self, module: Any) -> None:
+            super().__init__(module)
+            self.var2val: dict[Any, Any] = {}
+            self.nonneg: set[Any] = set()
+            self.done = 0
+            self.left = 0
+
+        def visit_call_(self, op: Any) -> Any:
+            call = super().visit_call_(op)
+            if getattr(op.op, "name", "") != "relax.divide" or not _is_int(_dtype(op)):
+                return call
+            shift = self._shift(op) if op.args[0] in self.nonneg else None
+            if shift is None:
+                self.left += 1
+                return call
+            self.done += 1
+            return relax.op.right_shift(call.args[0], shift)
+
+        def _shift(self, op: Any) -> Any | None:
+            den = op.args[1]
+            den = self.var2val.get(den, den)
+            dtype = _dtype(op)
+            arr = _const_array(den)
+            if arr is not None:
+                log = _log2_exact(arr)
+                return None if log is None or str(log.dtype) != dtype else relax.const(log, dtype)
+            if isinstance(den, relax.Call) and getattr(den.op, "name", "") == "relax.take":
+                table = _const_array(self.var2val.get(den.args[0], den.args[0]))
+                log = None if table is None else _log2_exact(table)
+                if log is None or str(log.dtype) != dtype:
+                    return None
+                axis = den.attrs.axis
+                return relax.op.take(
+                    relax.const(np.ascontiguousarray(log), dtype),
+                    self.visit_expr(den.args[1]),
+                    None if axis is None else int(axis),
+                    mode=str(den.attrs.mode),
+                )
+            return None
+
+    shifts = Shifts(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            shifts.var2val = relax.analysis.get_var2val(func)
+            shifts.nonneg = _nonneg_bindings(func)
+            shifts.builder_.update_func(gv, shifts.visit_expr(func))
+    return shifts.builder_.get(), shifts.done, shifts.left
 
 
 def gemm_module() -> Any | None:
@@ -652,6 +849,7 @@ def prepare(mod: Any, target: Any, info: BuildInfo, features: frozenset[str]) ->
     """Relax rewrites before legalization (see the module docstring); exact."""
     mod, info.rewrites["minmax_stack"] = _rewrite_stacked_minmax(mod)
     mod, info.rewrites["take_clip"] = _take_clip(mod)
+    mod, info.rewrites["pow2_divides_to_shifts"], info.rewrites["divides_left"] = _pow2_divides_to_shifts(mod)
     gemm = gemm_module()
     info.gemm_available = gemm is not None
     if gemm is not None:

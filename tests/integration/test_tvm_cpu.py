@@ -86,10 +86,12 @@ def test_minilm_sidecar_records_rules(dyn_integer: Path) -> None:
     meta = json.loads((dyn_integer / "tvm.json").read_text())
     rules = meta["cpu_schedules"]
     # distinct PrimFuncs (layers that compile alike share one): linears, attention, pooler, head
-    assert rules["matmul"] >= 8
+    assert rules.get("matmul", 0) + rules.get("int8_gemm", 0) >= 8
     assert rules["elementwise"] > 0 and rules["reduction"] > 0
     assert rules.get("unscheduled", 0) <= 5  # scalar shape arithmetic only
     assert meta["relax_rewrites"]["minmax_stack"] > 0 and meta["relax_rewrites"]["take_clip"] > 0
+    # requantization by 2^k of sign-split magnitudes (every linear, LayerNorm, softmax) -> shifts
+    assert meta["relax_rewrites"]["pow2_divides_to_shifts"] > 50
     assert meta["target"]["num-cores"] >= 1 and meta["target"]["mcpu"]
     assert meta["tuning"] is None and "int32" in meta["int8_matmul_strategy"]
 
@@ -103,7 +105,8 @@ def test_minilm_qdq_static_bit_exact_and_shape_check(static_qdq: Path, rt_cases)
     longer = {k: np.concatenate([v, v[:, :8]], axis=1) for k, v in feeds.items()}
     with pytest.raises(BackendError, match=r"built for batch=2,seq=32; got input_ids shape \(2, 40\)"):
         runner.run(longer)
-    assert json.loads((static_qdq / "tvm.json").read_text())["cpu_schedules"]["matmul"] > 0
+    rules = json.loads((static_qdq / "tvm.json").read_text())["cpu_schedules"]
+    assert rules.get("matmul", 0) + rules.get("int8_gemm", 0) > 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,3 +302,112 @@ def test_metaschedule_tuning_roundtrip(edge: Path, tmp_path: Path) -> None:
     want = ort.InferenceSession(str(edge), providers=["CPUExecutionProvider"]).run(["out"], feeds)[0]
     for a in (art, again):
         np.testing.assert_array_equal(TVMBackend().load(a, "cpu").run(feeds)["out"], want)
+
+
+# --------------------------------------------------------------------------------------------
+# requantization divides by powers of two -> right shifts
+# --------------------------------------------------------------------------------------------
+_SHIFT_OUTS = ("q_const", "q_table", "q_three", "q_signed")
+
+
+def _shift_graph(path: Path) -> Path:
+    """sign/magnitude requantization as the exporter writes it, plus two divides that must stay."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    inits = [
+        nh.from_array(np.array([1 << (c % 31) for c in range(64)], np.int32), "pow2_c"),  # per channel
+        nh.from_array(np.array([1 << k for k in range(31)], np.int32), "pow2_table"),
+        nh.from_array(np.array(3, np.int32), "three"),
+        nh.from_array(np.array(0, np.int32), "zero"),
+        nh.from_array(np.array(30, np.int32), "i30"),
+        nh.from_array(np.array(1 << 29, np.int32), "cap"),
+        nh.from_array(np.array(1 << 20, np.int32), "rnd"),
+    ]
+    n = h.make_node
+    nodes = [
+        n("Abs", ["x"], ["a"]),
+        n("Div", ["a", "pow2_c"], ["q_const"]),  # -> right_shift by a per-channel constant
+        n("Max", ["s", "zero"], ["s0"]),
+        n("Min", ["s0", "i30"], ["k"]),  # clamped runtime index into the shift table
+        n("Gather", ["pow2_table", "k"], ["den"], axis=0),
+        n("Min", ["a", "cap"], ["ac"]),
+        n("Add", ["ac", "rnd"], ["ar"]),  # |x| clipped + rounding: still >= 0
+        n("Div", ["ar", "den"], ["qt"]),  # -> right_shift by take(log2 table, k)
+        n("Sign", ["x"], ["sg"]),
+        n("Mul", ["sg", "qt"], ["q_table"]),
+        n("Div", ["a", "three"], ["q_three"]),  # not a power of two: stays a divide
+        n("Div", ["x", "pow2_c"], ["q_signed"]),  # dividend may be negative: stays a divide
+    ]
+    graph = h.make_graph(
+        nodes,
+        "shifts",
+        [
+            h.make_tensor_value_info("x", T.INT32, ["batch", 64]),
+            h.make_tensor_value_info("s", T.INT32, ["batch", 64]),
+        ],
+        [h.make_tensor_value_info(o, T.INT32, ["batch", 64]) for o in _SHIFT_OUTS],
+        inits,
+    )
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def _shift_feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-I32.max, I32.max, (batch, 64), dtype=np.int64).astype(np.int32)
+    edges = [I32.max, -I32.max, I32.max - 1, -1, 0, 1, -7, 7, 3, -3, (1 << 30) - 1, 1 << 30, -(1 << 30) - 1]
+    x.flat[: len(edges)] = edges
+    s = rng.integers(-3, 34, (batch, 64)).astype(np.int32)
+    s.flat[:6] = [0, 30, 31, -1, I32.max, I32.min]
+    return {"x": x, "s": s}
+
+
+def test_pow2_divides_become_exact_shifts(tmp_path: Path) -> None:
+    import onnx
+    from tvm import s_tir
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from qexport.backends import tvm_cpu
+    from qexport.backends.tvm import TVMBackend
+
+    model = _shift_graph(tmp_path / "shifts.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm")
+    rewrites = json.loads((art / "tvm.json").read_text())["relax_rewrites"]
+    assert rewrites["pow2_divides_to_shifts"] == 2 and rewrites["divides_left"] == 2
+
+    runner = TVMBackend().load(art, "cpu")
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    for batch, seed in ((1, 1), (4, 2)):
+        feeds = _shift_feeds(batch, seed)
+        got = runner.run(feeds)
+        for name, want in zip(_SHIFT_OUTS, sess.run(list(_SHIFT_OUTS), feeds), strict=True):
+            assert len(np.unique(want)) > 8, name  # a live output
+            np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+    # the shifted loops are vectorisable. Before: two PrimFuncs divide by a loaded value, the
+    # fused table chain and ``divide(_, pow2_c)`` (q_const and q_signed share it); after: only the
+    # signed one is left
+    import tvm
+
+    def runtime_divides(mod: object) -> int:
+        n = 0
+        for _gv, func in mod.functions_items():  # type: ignore[attr-defined]
+            if isinstance(func, tvm.tirx.PrimFunc):
+                sch = s_tir.Schedule(func)
+                blocks = sch.get_child_blocks(tvm_cpu._root(sch))
+                n += sum(tvm_cpu._divides_at_runtime(sch, b) for b in blocks)
+        return n
+
+    target = tvm.target.Target("llvm")
+    imported = from_onnx(onnx.load(str(model)), keep_params_in_input=False)
+    before = tvm_cpu.fused(tvm_cpu._take_clip(tvm_cpu._rewrite_stacked_minmax(imported)[0])[0], target)
+    info = tvm_cpu.BuildInfo()
+    after = tvm_cpu.fused(tvm_cpu.prepare(imported, target, info, frozenset()), target)
+    assert info.rewrites["pow2_divides_to_shifts"] == 2
+    assert (runtime_divides(before), runtime_divides(after)) == (2, 1)
