@@ -137,9 +137,9 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
     import tvm
 
     from qexport.backends import tvm_gemm as G
-    from qexport.backends.tvm import _host_cpu_flags
+    from qexport.host import cpu_flags
 
-    st = G.STRATEGIES[strategy] if strategy else G.select_strategy(_host_cpu_flags())
+    st = G.STRATEGIES[strategy] if strategy else G.select_strategy(cpu_flags())
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
     dev = tvm.cpu()
     rows: list[dict] = []

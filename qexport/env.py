@@ -8,41 +8,15 @@ the reason it does not).
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import platform
 import shutil
 import subprocess
-from pathlib import Path
 from typing import Any
 
-#: Distributions reported by ``qexport env`` (absent ones are shown as not installed).
-DISTRIBUTIONS = (
-    "qexport",
-    "torch",
-    "transformers",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnxscript",
-    "apache-tvm",
-    "apache-tvm-ffi",
-    "tensorrt",
-    "numpy",
-)
+from qexport.host import cpu_flags, cpu_model
 
 #: CPU flags that decide which integer kernels run fast (ORT's u8s8 GEMM rule, TVM's targets).
 CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "fma")
-
-
-def cpu_flags() -> set[str]:
-    """The ``flags`` of the first CPU in ``/proc/cpuinfo`` (empty when there is none)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "flags":
-                return set(val.split())
-    return set()
 
 
 def _nvcc() -> str | None:
@@ -61,14 +35,8 @@ def _nvcc() -> str | None:
 def environment() -> dict[str, Any]:
     """Python and library versions, CPU model and features, backends (available or why not), nvcc."""
     from qexport.backends import backend_names, get_backend
-    from qexport.report.system import cpu_model
+    from qexport.report.system import versions
 
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in DISTRIBUTIONS:
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
     flags = cpu_flags()
     backends: dict[str, dict[str, Any]] = {}
     for name in backend_names():
@@ -79,7 +47,7 @@ def environment() -> dict[str, Any]:
         backends[name] = {"available": ok, "info": info}
     return {
         "platform": platform.platform(),
-        "versions": versions,
+        "versions": versions(),
         "cpu": {"model": cpu_model(), "features": {f: f in flags for f in CPU_FEATURES}},
         "backends": backends,
         "nvcc": _nvcc(),

@@ -49,6 +49,7 @@ from qexport.backends.tvm_cuda import NVCC_DEFAULT, build_cuda, tensorize_works
 from qexport.backends.tvm_cuda import cheap_inspect_stack as _cheap_inspect_stack
 from qexport.backends.tvm_cuda import patch_library_bin as _patch_library_bin
 from qexport.errors import BackendError
+from qexport.host import cpu_flags
 from qexport.io import atomic_directory
 
 __all__ = [
@@ -84,17 +85,6 @@ _ONNX_TO_NP = {
 # --------------------------------------------------------------------------------------------
 # helpers that need no tvm
 # --------------------------------------------------------------------------------------------
-def _host_cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _resolve_target_spec(target: str | Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Map the CLI target spelling to a tvm Target argument plus sidecar notes."""
     notes: dict[str, Any] = {"requested": target if isinstance(target, str) else dict(target)}
@@ -105,7 +95,7 @@ def _resolve_target_spec(target: str | Mapping[str, Any]) -> tuple[Any, dict[str
         import tvm
 
         cpu = str(tvm.target.codegen.llvm_get_system_cpu())
-        flags = _host_cpu_flags()
+        flags = cpu_flags()
         notes["host_cpu"] = cpu
         notes["host_features"] = sorted(
             f for f in flags if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}
@@ -431,7 +421,7 @@ class TVMBackend(Backend):
         tuning: dict[str, Any] | None = None
         database = None
         if schedule:
-            mod = tvm_cpu.prepare(mod, target, info, frozenset(_host_cpu_flags()))
+            mod = tvm_cpu.prepare(mod, target, info, frozenset(cpu_flags()))
         mod = tvm_cpu.fused(mod, target)
         if tune or tune_db is not None:
             key = tvm_cpu.tune_key(target, shapes)

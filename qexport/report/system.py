@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: Distributions whose versions go into report.json (absent ones are recorded as None).
+from qexport.host import cpu_model
+
+#: Distributions whose versions go into report.json and ``qexport env`` (absent ones: None).
 VERSIONED = (
     "qexport",
     "torch",
@@ -36,20 +38,13 @@ VERSIONED = (
     "onnx",
     "onnxruntime",
     "onnxruntime-gpu",
+    "onnxscript",
     "apache-tvm",
+    "apache-tvm-ffi",
     "tensorrt",
     "numpy",
     "matplotlib",
 )
-
-
-def cpu_model() -> str:
-    """CPU model name (``/proc/cpuinfo`` on Linux, ``platform.processor()`` elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def physical_cores() -> int | None:

@@ -2,7 +2,7 @@
 
     ops <- quant <- models <- train / export <- backends <- verify <- report <- demo / cli
 
-``errors``, ``io``, ``config``, ``data`` and ``evaluation`` (the one loop over a task split: it
+``errors``, ``io``, ``host``, ``config``, ``data`` and ``evaluation`` (the one loop over a task split: it
 imports only ``data`` and ``errors`` and runs any predictor it is given) are base layers: any
 stage may import them, and they import only each other. The package root ``qexport/__init__.py``
 is the public face: the stages may import it (for ``__version__``) and it may name any stage.
@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "qexport"
 BASE = 0
 #: first dotted component under ``qexport`` -> stage rank (0: base layer)
 STAGES: dict[str, int] = {
-    "": BASE, "errors": BASE, "io": BASE, "config": BASE, "data": BASE, "evaluation": BASE,
+    "": BASE, "errors": BASE, "io": BASE, "host": BASE, "config": BASE, "data": BASE, "evaluation": BASE,
     "ops": 1,
     "quant": 2,
     "models": 3,

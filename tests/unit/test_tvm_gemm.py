@@ -18,11 +18,11 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from qexport.backends import tvm_gemm as G  # noqa: E402
-from qexport.backends.tvm import _host_cpu_flags  # noqa: E402
+from qexport.host import cpu_flags  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
-HOST = frozenset(_host_cpu_flags())
+HOST = frozenset(cpu_flags())
 _NEEDS = {
     "vnni512": {"avx512f", "avx512_vnni"},
     "vnni256": {"avx512_vnni", "avx512vl"},
