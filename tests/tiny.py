@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import random
 from pathlib import Path
+from typing import Any
 
 POSITIVE = ["good", "great", "excellent", "wonderful", "superb", "moving", "funny", "brilliant", "charming"]
 NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "weak", "tedious", "clumsy", "painful"]
@@ -77,3 +78,15 @@ def tiny_recipe_dict(model_dir: Path, task_csv: Path, **over: object) -> dict[st
     }
     rec.update(over)
     return rec
+
+
+def save_checked_graph(graph: Any, path: Path, opset: int = 18) -> Path:
+    """A hand-built ONNX graph as a checked model file (IR 8, the given ai.onnx opset)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from qexport.errors import BackendError
+from tests.tiny import save_checked_graph
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -28,7 +29,6 @@ HIDDEN, OUT = 32, 8
 
 def _int_graph(path: Path, *, opset: int = 18) -> Path:
     """An integer mini-encoder-like graph (dynamic batch/seq) obeying the contract."""
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -111,11 +111,7 @@ def _int_graph(path: Path, *, opset: int = 18) -> Path:
         ],
         inits,
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
+    return save_checked_graph(graph, path, opset)
 
 
 def _feeds(batch: int, seq: int, seed: int = 1) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from qexport.errors import BackendError
+from tests.tiny import save_checked_graph
 
 pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -113,7 +114,6 @@ def test_minilm_qdq_static_bit_exact_and_shape_check(static_qdq: Path, rt_cases)
 # a small graph with edge values
 # --------------------------------------------------------------------------------------------
 def _edge_graph(path: Path) -> Path:
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -157,11 +157,7 @@ def _edge_graph(path: Path) -> Path:
         [h.make_tensor_value_info("out", T.INT32, ["batch", 64])],
         inits,
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
+    return save_checked_graph(graph, path)
 
 
 def _edge_feeds(batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -312,7 +308,6 @@ _SHIFT_OUTS = ("q_const", "q_table", "q_three", "q_signed")
 
 def _shift_graph(path: Path) -> Path:
     """sign/magnitude requantization as the exporter writes it, plus two divides that must stay."""
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -351,11 +346,7 @@ def _shift_graph(path: Path) -> Path:
         [h.make_tensor_value_info(o, T.INT32, ["batch", 64]) for o in _SHIFT_OUTS],
         inits,
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
+    return save_checked_graph(graph, path)
 
 
 def _shift_feeds(batch: int, seed: int) -> dict[str, np.ndarray]:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.tiny import save_checked_graph
+
 tvm = pytest.importorskip("tvm")
 
 from qexport.backends import tvm_gemm as G  # noqa: E402
@@ -176,7 +178,6 @@ def _attn_graph(path: Path, linear: str) -> Path:
     ``linear``: ``integer`` (MatMulInteger) or ``qdq`` (DequantizeLinear scale 1 -> MatMul ->
     Cast int32), the two forms of ``qexport onnx --linear``.
     """
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -256,11 +257,7 @@ def _attn_graph(path: Path, linear: str) -> Path:
         ],
         inits,
     )
-    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return path
+    return save_checked_graph(graph, path)
 
 
 def _lowered(
