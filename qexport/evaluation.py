@@ -139,10 +139,10 @@ def evaluate(
 
     ``on_batch(n)`` is called after each batch with its row count (progress bars).
     """
-    batches = iter_batches(
-        task_spec, tokenizer, split, limit=limit, batch_size=batch_size, max_length=max_length
-    )
-    return score(predict, batches, task_spec, split, on_batch=on_batch)
+    return evaluate_many(
+        {"model": predict}, task_spec, tokenizer, split,
+        limit=limit, batch_size=batch_size, max_length=max_length, on_batch=on_batch,
+    )["model"]
 
 
 def evaluate_many(
