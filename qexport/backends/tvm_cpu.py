@@ -142,6 +142,67 @@ def _rewrite_stacked_minmax(mod: Any) -> tuple[Any, int]:
     return mod, count
 
 
+_BROADCASTING_BINARY = frozenset({
+    "relax.minimum", "relax.maximum", "relax.add", "relax.subtract", "relax.multiply",
+    "relax.divide", "relax.floor_divide", "relax.right_shift", "relax.left_shift",
+})
+
+
+def _operand_broadcasts(mod: Any) -> tuple[Any, int]:
+    """``op(broadcast_to(a, s), b)`` -> ``op(a, b)`` for an elementwise binary ``op`` whose other
+    operand ``b`` already has the call's shape (and the mirror case): the same values, since the
+    op broadcasts ``a`` itself. A constant ``a`` (a clamp bound, a per-channel table) then stays
+    its own size instead of ``FoldConstant`` materialising it at the activation's full shape,
+    which in a static build made the library ~10x larger and every such op read a full tensor
+    of copies of one number."""
+    import tvm_ffi
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    def shape_of(expr: Any) -> Any:
+        return getattr(getattr(expr, "ty", None), "shape", None)
+
+    @mutator
+    class Strip(PyExprMutator):
+        def __init__(self, module: Any) -> None:
+            super().__init__(module)
+            self.var2val: dict[Any, Any] = {}
+            self.done = 0
+
+        def _source(self, arg: Any) -> Any | None:
+            val = self.var2val.get(arg, arg)
+            if isinstance(val, relax.Call) and getattr(val.op, "name", "") == "relax.broadcast_to":
+                return val.args[0]
+            return None
+
+        def visit_call_(self, op: Any) -> Any:
+            call = super().visit_call_(op)
+            if getattr(op.op, "name", "") not in _BROADCASTING_BINARY or len(op.args) != 2:
+                return call
+            out = shape_of(op)
+            args = list(call.args)
+            # a constant source first: a fused broadcast of a variable costs nothing, a folded
+            # broadcast of a constant is the full-size tensor this rewrite avoids
+            order = sorted((0, 1), key=lambda i: _const_array(self._source(op.args[i])) is None)
+            for i in order:
+                src, other = self._source(op.args[i]), op.args[1 - i]
+                if src is None or out is None or shape_of(other) is None:
+                    continue
+                if not tvm_ffi.structural_equal(shape_of(other), out) or _dtype(src) != _dtype(other):
+                    continue
+                args[i] = self.visit_expr(src)
+                self.done += 1
+                return relax.Call(call.op, args, call.attrs)
+            return call
+
+    strip = Strip(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            strip.var2val = relax.analysis.get_var2val(func)
+            strip.builder_.update_func(gv, strip.visit_expr(func))
+    return strip.builder_.get(), strip.done
+
+
 def _take_clip(mod: Any) -> tuple[Any, int]:
     """Every ``take`` in mode ``fast`` -> mode ``clip`` (same elements for in-range indices)."""
     from tvm import relax
@@ -163,6 +224,74 @@ def _take_clip(mod: Any) -> tuple[Any, int]:
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(pattern, rewriter, func)
     return mod, count
+
+
+def _table_formula(arr: Any) -> tuple[str, int, int] | None:
+    """``("affine", a, b)`` when ``arr[i] == a * i + b``, ``("shift", c, 0)`` when
+    ``arr[i] == c << i`` (``c > 0``), for a 1-D integer table; else ``None``."""
+    import numpy as np
+
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.size < 2:
+        return None
+    wide = arr.astype(np.int64)
+    idx = np.arange(wide.size, dtype=np.int64)
+    a, b = int(wide[1] - wide[0]), int(wide[0])
+    if bool((wide == a * idx + b).all()):
+        return "affine", a, b
+    c = int(wide[0])
+    if c > 0 and wide.size < 63 and bool((wide == c * (np.int64(1) << idx)).all()):
+        return "shift", c, 0
+    return None
+
+
+def _take_tables(mod: Any) -> tuple[Any, int]:
+    """``take(table, i)`` (mode ``clip``) of a 1-D constant table that is a formula of ``i``
+    (``a*i + b``, e.g. the ``log2`` of a shift table, or ``c << i``, the shift table itself) ->
+    the formula of ``clip(i, 0, n-1)``: the same values for every index (``clip`` is how the
+    take treats any index), and arithmetic vectorises where a gather does not."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class Tables(PyExprMutator):
+        def __init__(self, module: Any) -> None:
+            super().__init__(module)
+            self.var2val: dict[Any, Any] = {}
+            self.done = 0
+
+        def visit_call_(self, op: Any) -> Any:
+            call = super().visit_call_(op)
+            if getattr(op.op, "name", "") != "relax.take" or str(op.attrs.mode) != "clip":
+                return call
+            table = _const_array(self.var2val.get(op.args[0], op.args[0]))
+            formula = None if table is None else _table_formula(table)
+            idx_dtype = _dtype(op.args[1])
+            if table is None or formula is None or not _is_int(idx_dtype) or op.attrs.axis not in (None, 0):
+                return call
+            dtype = str(table.dtype)
+            if formula[0] == "affine" and abs(formula[1]) * (table.size - 1) >= 2 ** (_bits_of(dtype) - 1):
+                return call  # a * i itself must not overflow
+            idx = relax.op.clip(call.args[1], 0, int(table.size - 1))
+            if idx_dtype != dtype:
+                idx = relax.op.astype(idx, dtype)
+            kind, a, b = formula
+            if kind == "affine":
+                out = idx
+                if a != 1:
+                    out = relax.op.multiply(out, relax.const(a, dtype))
+                if b != 0:
+                    out = relax.op.add(out, relax.const(b, dtype))
+            else:
+                out = relax.op.left_shift(relax.const(a, dtype), idx)
+            self.done += 1
+            return out
+
+    tables = Tables(mod)
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            tables.var2val = relax.analysis.get_var2val(func)
+            tables.builder_.update_func(gv, tables.visit_expr(func))
+    return tables.builder_.get(), tables.done
 
 
 def _const_array(expr: Any) -> Any | None:
@@ -237,10 +366,10 @@ def _nonneg_bindings(func: Any) -> set[Any]:
         args = list(call.args)
         if name == "relax.abs":
             return True
-        if name in _NONNEG_ALL:
-            return all(nonneg(a) for a in args)
         if name == "relax.multiply" and args[0].same_as(args[1]):
             return True  # a square
+        if name in _NONNEG_ALL:
+            return all(nonneg(a) for a in args)
         if name == "relax.maximum":
             return any(nonneg(a) for a in args)
         if name in _NONNEG_FIRST:
@@ -292,15 +421,29 @@ def _log2_exact(arr: Any) -> Any | None:
     return shift.astype(arr.dtype)
 
 
-def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int]:
-    """``divide(x, 2^k)`` -> ``right_shift(x, k)`` for integer ``x`` provably >= 0 (exact).
+def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int, int]:
+    """``divide(x, 2^k)`` -> ``right_shift(x, k)`` for integer ``x`` provably >= 0 (exact); other
+    divides with a non-constant divisor in float64 (exact, below).
 
     The divisor is a constant whose every element is a positive power of two (per-channel
     requantization shifts) or a ``take`` from such a constant table (the integer model's shift
     tables, e.g. LayerNorm's per-row shift): then ``take(log2(table), index)`` with the same
     index, axis and mode. Truncating division of a non-negative integer by ``2^k`` is the
     arithmetic right shift by ``k``, and a shift vectorises on x86 (``vpsravd``) where integer
-    division does not. Returns the module, the divides rewritten and the integer divides left.
+    division does not.
+
+    Every other integer divide of at most 32 bits whose divisor is not one constant (a per-row
+    softmax sum, LayerNorm's per-row standard deviation, a per-channel table) becomes
+    ``astype(double(x) / double(y), int)``, which vectorises (``vdivpd``) where the integer
+    division runs one lane at a time. It is exact: int32 operands are exact doubles; if
+    ``q = x / y`` is an integer the IEEE quotient is exactly ``q``; otherwise the truncation
+    ``k`` of ``q`` and the next integer towards infinity are at least ``1/|y|`` away from ``q``
+    while the rounding error is at most ``|q| * 2^-53 <= |x| * 2^-53 < 1/|y|`` for
+    ``|x| < 2^53``, and integers are doubles, so the rounded quotient stays strictly between them
+    and the cast (which truncates) gives ``k``. Divisors of zero never reach a divide (the integer
+    model clamps them to >= 1, which TVM needs anyway: an integer division by zero is SIGFPE).
+    A single constant divisor stays an integer divide (LLVM multiplies by a magic number,
+    vectorised). Returns the module and the divides rewritten to shifts, to float64, and left.
     """
     import numpy as np
     from tvm import relax
@@ -313,6 +456,7 @@ def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int]:
             self.var2val: dict[Any, Any] = {}
             self.nonneg: set[Any] = set()
             self.done = 0
+            self.floats = 0
             self.left = 0
 
         def visit_call_(self, op: Any) -> Any:
@@ -321,10 +465,28 @@ def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int]:
                 return call
             shift = self._shift(op) if op.args[0] in self.nonneg else None
             if shift is None:
+                as_float = self._float_divide(op, call)
+                if as_float is not None:
+                    self.floats += 1
+                    return as_float
                 self.left += 1
                 return call
             self.done += 1
             return relax.op.right_shift(call.args[0], shift)
+
+        def _float_divide(self, op: Any, call: Any) -> Any | None:
+            """``x / y`` (int32 or narrower, truncating, ``y`` not one constant) as
+            ``int(double(x) / double(y))``: exact (see :func:`_pow2_divides_to_shifts`)."""
+            dtype = _dtype(op)
+            if _bits_of(dtype) > 32 or _dtype(op.args[1]) != dtype:
+                return None
+            den = self.var2val.get(op.args[1], op.args[1])
+            arr = _const_array(den)
+            if arr is not None and (arr.size == 1 or bool((arr == arr.flat[0]).all())):
+                return None  # one constant divisor: LLVM's multiply-by-magic-number, vectorised
+            num = relax.op.astype(call.args[0], "float64")
+            den_f = relax.op.astype(call.args[1], "float64")
+            return relax.op.astype(relax.op.divide(num, den_f), dtype)
 
         def _shift(self, op: Any) -> Any | None:
             den = op.args[1]
@@ -354,7 +516,7 @@ def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int]:
             shifts.var2val = relax.analysis.get_var2val(func)
             shifts.nonneg = _nonneg_bindings(func)
             shifts.builder_.update_func(gv, shifts.visit_expr(func))
-    return shifts.builder_.get(), shifts.done, shifts.left
+    return shifts.builder_.get(), shifts.done, shifts.floats, shifts.left
 
 
 def gemm_module() -> Any | None:
@@ -673,6 +835,11 @@ def _parallel_outer(sch: Any, block: Any, vbits: int) -> bool:
     lead = loops[: n - 1] if vec and n >= 2 else loops[:n] if not vec else []
     if vec and n == 1:
         lead = [loops[0]] if len(loops) > 1 else []
+    if not vec and n == len(loops) and n >= 2 and _extent(sch, loops[-1]) is None:
+        # a symbolic innermost extent (a dynamic sequence axis): keep it an inner loop of its
+        # own, with plain index arithmetic LLVM can vectorise, instead of fusing it into the
+        # parallel loop (one 64-bit division per index per element)
+        lead = loops[: n - 1]
     if not lead:
         return vec
     sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
@@ -849,7 +1016,10 @@ def prepare(mod: Any, target: Any, info: BuildInfo, features: frozenset[str]) ->
     """Relax rewrites before legalization (see the module docstring); exact."""
     mod, info.rewrites["minmax_stack"] = _rewrite_stacked_minmax(mod)
     mod, info.rewrites["take_clip"] = _take_clip(mod)
-    mod, info.rewrites["pow2_divides_to_shifts"], info.rewrites["divides_left"] = _pow2_divides_to_shifts(mod)
+    mod, info.rewrites["operand_broadcasts"] = _operand_broadcasts(mod)
+    mod, done, floats, left = _pow2_divides_to_shifts(mod)
+    info.rewrites.update(pow2_divides_to_shifts=done, divides_in_float64=floats, divides_left=left)
+    mod, info.rewrites["take_tables"] = _take_tables(mod)
     gemm = gemm_module()
     info.gemm_available = gemm is not None
     if gemm is not None:

@@ -307,7 +307,7 @@ _SHIFT_OUTS = ("q_const", "q_table", "q_three", "q_signed")
 
 
 def _shift_graph(path: Path) -> Path:
-    """sign/magnitude requantization as the exporter writes it, plus two divides that must stay."""
+    """sign/magnitude requantization as the exporter writes it, plus two divides that are no shifts."""
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -370,7 +370,12 @@ def test_pow2_divides_become_exact_shifts(tmp_path: Path) -> None:
     model = _shift_graph(tmp_path / "shifts.onnx")
     art = TVMBackend().compile(model, tmp_path / "art", target="llvm")
     rewrites = json.loads((art / "tvm.json").read_text())["relax_rewrites"]
-    assert rewrites["pow2_divides_to_shifts"] == 2 and rewrites["divides_left"] == 2
+    assert rewrites["pow2_divides_to_shifts"] == 2
+    # q_signed (a per-channel divisor) in float64, q_three (one constant) stays an integer divide
+    assert (rewrites["divides_in_float64"], rewrites["divides_left"]) == (1, 1)
+    # take(log2(pow2_table), k) is clip(k, 0, 30); the take of pow2_table itself (left unused by
+    # the shift) is 1 << clip(k, 0, 30)
+    assert rewrites["take_tables"] == 2
 
     runner = TVMBackend().load(art, "cpu")
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
@@ -401,4 +406,82 @@ def test_pow2_divides_become_exact_shifts(tmp_path: Path) -> None:
     info = tvm_cpu.BuildInfo()
     after = tvm_cpu.fused(tvm_cpu.prepare(imported, target, info, frozenset()), target)
     assert info.rewrites["pow2_divides_to_shifts"] == 2
-    assert (runtime_divides(before), runtime_divides(after)) == (2, 1)
+    assert (runtime_divides(before), runtime_divides(after)) == (2, 0)
+
+
+def _division_graph(path: Path) -> Path:
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    graph = h.make_graph(
+        [h.make_node("Div", ["x", "d"], ["q"])],
+        "division",
+        [h.make_tensor_value_info(x, T.INT32, ["batch", 64]) for x in ("x", "d")],
+        [h.make_tensor_value_info("q", T.INT32, ["batch", 64])],
+    )
+    return save_checked_graph(graph, path)
+
+
+def test_runtime_divides_in_float64_truncate_exactly(tmp_path: Path) -> None:
+    """int32 / int32 by a runtime divisor runs as double division + truncating cast: equal to
+    ONNX's truncating integer Div over the whole int32 range (divisor 0 and INT32_MIN / -1
+    excluded: undefined in ONNX Runtime too)."""
+    from qexport.backends.tvm import TVMBackend
+
+    model = _division_graph(tmp_path / "div.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm")
+    assert json.loads((art / "tvm.json").read_text())["relax_rewrites"]["divides_in_float64"] == 1
+    runner = TVMBackend().load(art, "cpu")
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    big = I32.max
+    edges_x = [big, -big, big - 1, -big + 1, 0, 1, -1, 7, -7, 1 << 30, -(1 << 30), 123456789, I32.min]
+    edges_d = [1, -1, 2, -2, 3, -3, big, -big, I32.min, 7, 1 << 16, 65537, 46341]
+    for batch, scale in ((64, 2**31 - 1), (64, 2**16), (64, 100)):
+        x = rng.integers(-big, big, (batch, 64), dtype=np.int64).astype(np.int32)
+        d = rng.integers(-scale, scale, (batch, 64), dtype=np.int64).astype(np.int32)
+        d[d == 0] = 1
+        ex, ed = np.meshgrid(edges_x, edges_d, indexing="ij")
+        x.flat[: ex.size], d.flat[: ed.size] = ex.ravel(), ed.ravel()
+        d[(x == I32.min) & (d == -1)] = 2
+        feeds = {"x": x, "d": d}
+        want = sess.run(["q"], feeds)[0]
+        np.testing.assert_array_equal(want, (np.abs(x.astype(np.int64)) // np.abs(d.astype(np.int64)))
+                                      * np.sign(x.astype(np.int64) * d), err_msg="reference")
+        np.testing.assert_array_equal(runner.run(feeds)["q"], want)
+
+
+def test_formula_tables_become_arithmetic(tmp_path: Path) -> None:
+    """A gather from an affine table (a*i + b) or a shift table (c << i) becomes that formula of
+    the index; the values are the table's for every index."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from qexport.backends.tvm import TVMBackend
+
+    n = 31
+    inits = [
+        nh.from_array((3 * np.arange(n) - 5).astype(np.int32), "affine"),
+        nh.from_array((5 << np.arange(n - 4)).astype(np.int32), "shifts"),
+        nh.from_array(np.array([1, 2, 4, 9], np.int32), "other"),  # no formula: stays a gather
+    ]
+    nodes = [
+        h.make_node("Gather", ["affine", "i"], ["a"], axis=0),
+        h.make_node("Gather", ["shifts", "j"], ["s"], axis=0),
+        h.make_node("Gather", ["other", "k"], ["o"], axis=0),
+    ]
+    ins = [h.make_tensor_value_info(x, T.INT32, ["batch", 16]) for x in "ijk"]
+    outs = [h.make_tensor_value_info(x, T.INT32, ["batch", 16]) for x in "aso"]
+    model = save_checked_graph(h.make_graph(nodes, "tables", ins, outs, inits), tmp_path / "t.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm")
+    assert json.loads((art / "tvm.json").read_text())["relax_rewrites"]["take_tables"] == 2
+    rng = np.random.default_rng(0)
+    feeds = {"i": rng.integers(0, n, (4, 16)).astype(np.int32),
+             "j": rng.integers(0, n - 4, (4, 16)).astype(np.int32),
+             "k": rng.integers(0, 4, (4, 16)).astype(np.int32)}
+    feeds["i"].flat[:2], feeds["j"].flat[:2] = [0, n - 1], [0, n - 5]
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(list("aso"), feeds)
+    got = TVMBackend().load(art, "cpu").run(feeds)
+    for name, w in zip("aso", want, strict=True):
+        np.testing.assert_array_equal(got[name], w, err_msg=name)
