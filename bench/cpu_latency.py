@@ -21,8 +21,9 @@ the rows:
 
 Artifacts are built once in ``--work`` (reused on the next run). Each thread count runs in its own
 subprocess (TVM reads ``TVM_NUM_THREADS`` when it is first imported; ORT takes
-``intra_op_num_threads``), where the rows take turns run by run (``--iters`` rounds after a warm-up),
-so that a process sharing the cores slows them alike and the ratios come from one run. The table
+``intra_op_num_threads``), where the rows take turns (each turn: one untimed run, which absorbs the
+previous runtime's spinning thread pool, then three timed runs; ``--iters`` timed runs per row after
+a warm-up), so that a process sharing the cores slows them alike and the ratios come from one run. The table
 shows medians (ms) and the ratios best FP32 / qexport and ORT dynamic / qexport (> 1: qexport is
 faster); ``--json`` writes every median. ``--profile``: ORT's per-op-type profile of the saved
 ORT-CPU form (largest batch and seq, fewest threads).
@@ -126,17 +127,14 @@ def build(ckpt: Path, rows: list[str], shapes: list[tuple[int, int]], u8s8: str,
 
 def interleaved_ms(runners: dict[str, Any], feeds: dict[str, np.ndarray], iters: int, warmup: int,
                    ) -> dict[str, float]:
-    """Median ms per runner, the runners taking turns run by run."""
+    """Median ms per runner after ``warmup`` runs each, the runners taking turns in blocks
+    (:func:`qexport.report.timing.interleaved_ms`)."""
+    from qexport.report.timing import interleaved_ms as turns
+
     for r in runners.values():
         for _ in range(warmup):
             r.run(feeds)
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(iters):
-        for k, r in runners.items():
-            t = time.perf_counter()
-            r.run(feeds)
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v) * 1000) for k, v in times.items()}
+    return turns({k: (lambda r=r: r.run(feeds)) for k, r in runners.items()}, iters)
 
 
 def feeds_for(b: int, s: int, vocab: int) -> dict[str, np.ndarray]:

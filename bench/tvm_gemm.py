@@ -6,8 +6,8 @@
 For each ``MxKxN`` (default: M = 1024, 128, 8 at K=768, N=3072, and M = 1024, 128 at the
 MiniLM / RoBERTa linear shapes 384x384, 384x1536, 1536x384, 768x768, 768x3072) and each thread
 count (a fresh subprocess per count: ``TVM_NUM_THREADS``, OpenMP/BLAS thread variables and ORT's
-``intra_op_num_threads``), times, interleaved (one call of each contender in turn, ``iters``
-rounds, medians):
+``intra_op_num_threads``), times, interleaved (each contender in turn: one untimed call, then
+three timed; ``iters`` timed calls each, medians):
 
 * ``tvm``: :func:`qexport.backends.tvm_gemm.gemm_primfunc` for the host's strategy (or
   ``--strategy``), int8 activations x packed int8 weights (the +128 shift and its correction
@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +120,10 @@ def _peak_func(st: Any, threads: int, iters: int) -> Any:
 
 
 def _interleaved(fns: dict[str, tuple[Any, tuple]], iters: int) -> dict[str, float]:
-    """Median milliseconds of each ``fn(*args)``, one call of each in turn per round."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn, fargs in fns.values():  # warm-up
-        fn(*fargs)
-    for _ in range(iters):
-        for name, (fn, fargs) in fns.items():
-            t0 = time.perf_counter()
-            fn(*fargs)
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(v)) * 1e3 for name, v in times.items()}
+    """Median milliseconds of each ``fn(*args)``, in turns (:func:`qexport.report.timing.interleaved_ms`)."""
+    from qexport.report.timing import interleaved_ms
+
+    return interleaved_ms({name: (lambda f=fn, a=fargs: f(*a)) for name, (fn, fargs) in fns.items()}, iters)
 
 
 def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy: str | None) -> list[dict]:

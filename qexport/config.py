@@ -232,6 +232,16 @@ class TrainConfig(_Strict):
     eval_limit: int | None = Field(default=None, ge=1, description="first N dev examples (null: all)")
     test_limit: int | None = Field(default=None, ge=1, description="first N test examples (null: all)")
     log_every: int = Field(default=10, ge=1)
+    group_by_length: bool = Field(
+        default=False,
+        description="batch training rows of similar length together (less padding, faster; "
+                    "another batch order, so other results than without)",
+    )
+    fused_adamw: bool = Field(
+        default=False,
+        description="torch's fused AdamW kernel (one pass over the parameters; faster on CPU, "
+                    "rounds differently from the default implementation)",
+    )
 
     @field_validator("device")
     @classmethod

@@ -19,7 +19,19 @@ pipeline with three additions:
     bindings, :func:`_nonneg_bindings`) and a divisor that is a constant of positive powers of two
     or a ``take`` from such a table -> ``right_shift(x, k)`` (``take(log2(table), index)``):
     truncating division of a non-negative value by ``2^k`` is the shift, and a shift vectorises
-    (x86 has no vector integer division). The sidecar counts the divides rewritten and left;
+    (x86 has no vector integer division); every other int32 divide whose divisor is not one
+    constant (softmax's row sum, LayerNorm's standard deviation, per-channel tables) runs as a
+    float64 division truncated back to int32, exact for all int32 operands (the proof is in
+    :func:`_pow2_divides_to_shifts`) and vectorised (``vdivpd``). The sidecar counts the divides
+    rewritten (``pow2_divides_to_shifts``, ``divides_in_float64``) and left (one constant divisor:
+    LLVM multiplies by a magic number);
+  - ``op(broadcast_to(c, s), x)`` for an elementwise binary ``op`` whose ``x`` already has shape
+    ``s`` -> ``op(c, x)``: a constant clamp bound stays a scalar instead of being folded into a
+    full-size tensor (in static builds that made the library ~10x larger and each op read a
+    tensor of copies of one number);
+  - ``take`` from a constant table that is a formula of the index (``a*i + b``, such as
+    ``log2`` of a shift table, or ``c << i``) -> that formula of the clipped index (a gather
+    does not vectorise, arithmetic does);
   - when :mod:`qexport.backends.tvm_gemm` is present, its ``lower_int8_matmuls`` replaces the int8
     matmuls by already scheduled kernels (marked ``qexport.scheduled``).
 
@@ -30,7 +42,8 @@ pipeline with three additions:
     vectorised over the output columns, reduction order unchanged (int32 accumulation is exact;
     float sums of exact integers keep their order);
   - ``elementwise``: every injective block inlined into one, leading loops fused and parallel,
-    innermost loop vectorised;
+    innermost loop vectorised (a symbolic innermost extent, a dynamic sequence axis, stays a loop
+    of its own under the parallel one, with plain index arithmetic that LLVM vectorises);
   - ``reduction``: producers/consumers inlined, leading spatial loops of the last block parallel,
     the other blocks computed under them (softmax / LayerNorm rows), injective blocks vectorised,
     short reductions (ONNX ``Min``/``Max`` folds) vectorised over the spatial axis;

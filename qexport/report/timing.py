@@ -54,6 +54,28 @@ def time_runs(
     return samples
 
 
+def interleaved_ms(calls: Mapping[str, Callable[[], object]], iters: int, block: int = 3) -> dict[str, float]:
+    """Median milliseconds per call of each contender, timed in turns within one process.
+
+    Each round runs every contender once untimed and then ``block`` times timed, so that a
+    drift of the machine (another process, the clock) affects all contenders alike and the
+    ratios come from one run. The untimed call absorbs what the previous contender leaves
+    behind: ONNX Runtime's and TVM's thread pools spin for a while after a call before they
+    sleep, and a call timed right after another runtime's shares the cores with those spinning
+    threads (on 2 cores, 2-thread calls ran up to 7x slower when timed run by run). Rounds:
+    ``ceil(iters / block)``.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(-(-iters // block)):
+        for name, call in calls.items():
+            call()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v) * 1000) for name, v in times.items()}
+
+
 def summarize(samples: Sequence[float], batch: int) -> dict[str, float]:
     """Median / p10 / p90 / mean / min in milliseconds and sequences per second (at the median)."""
     if not samples:

@@ -49,6 +49,15 @@ class EncodedSplit:
             "labels": self.labels[index],
         }
 
+    def by_length(self) -> EncodedSplit:
+        """The same rows ordered by token count (stable): evaluation batches of rows of about one
+        length carry little padding (rt's dev split: ~2.4x faster than in split order). Metrics
+        over (prediction, label) pairs do not depend on the order; padding columns do not change
+        a row's result (masked keys get a zero attention weight)."""
+        order = torch.argsort(self.attention_mask.sum(dim=1), stable=True)
+        return EncodedSplit(self.input_ids[order], self.attention_mask[order], self.labels[order],
+                            self.num_truncated)
+
     def sequential(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """Batches in row order (evaluation)."""
         for start in range(0, len(self), batch_size):
@@ -132,12 +141,18 @@ def encode_split(
 class EpochOrder:
     """Per-epoch shuffled batches of indices for this process (DDP-aware, seeded, resumable)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+    #: Rows per length group (``group_by_length``): 50 batches, as ``transformers``'
+    #: ``LengthGroupedSampler`` does.
+    GROUP_BATCHES = 50
+
+    def __init__(self, n: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                 lengths: torch.Tensor | None = None) -> None:
         self.n = n
         self.batch_size = batch_size
         self.seed = seed
         self.world_size = world_size
         self.rank = rank
+        self.lengths = lengths
         self._sampler: DistributedSampler[int] = DistributedSampler(
             range(n),  # type: ignore[arg-type]
             num_replicas=world_size,
@@ -152,6 +167,20 @@ class EpochOrder:
         return math.ceil(len(self._sampler) / self.batch_size)
 
     def epoch(self, epoch: int) -> list[list[int]]:
+        """This process's batches of epoch ``epoch``: consecutive slices of the shuffled rows, or,
+        with ``lengths`` (``train.group_by_length``), slices of groups of
+        :data:`GROUP_BATCHES` batches of shuffled rows sorted by length, the batches then in a
+        seeded random order: rows of similar length share a batch (little padding) while every
+        batch still draws from the whole split. Both depend on ``(seed, epoch)`` only."""
         self._sampler.set_epoch(epoch)
         idx = list(self._sampler)
-        return [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.lengths is not None:
+            group = self.GROUP_BATCHES * self.batch_size
+            lengths = self.lengths
+            idx = [i for g in range(0, len(idx), group)
+                   for i in sorted(idx[g : g + group], key=lambda r: -int(lengths[r]))]
+        batches = [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.lengths is not None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+        return batches
