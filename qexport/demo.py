@@ -5,14 +5,14 @@ Stages (each one timed into ``summary.json``'s ``timings_s``)::
     train    FP fine-tuning then QAT (recipe ``rt-minilm-full``) -> integer checkpoint; the
              trainer's own integer test evaluation is skipped (``final_int_eval=False``)
     size     true checkpoint size vs FP32
-    onnx     integer ONNX, functions form (ORT) and flat form (TVM)
+    onnx     integer ONNX, functions form (ORT) and flat form with integer linears (TVM)
     ort      parity of ONNX Runtime against the integer reference on the parity sample (the
              first ``parity_limit`` test rows, every ``logits_int`` element compared), then the
              integer model's test-split accuracy through ORT, now proven bit-exact (the torch
              int64 reference over the whole split takes minutes on 2 cores; ORT takes seconds)
     dynamic  the CPU user's INT8 route for comparison: the FP model through ORT's transformer
              fusions and ``quantize_dynamic``, its accuracy on the same split
-    tvm      TVM (llvm) build + parity on a smaller sample
+    tvm      TVM (llvm) build + parity on a smaller sample; the report times this library
     report   CPU latency: PyTorch FP32, ORT FP32, ORT quantize_dynamic INT8, qexport ORT INT8,
              TVM FP32 and qexport TVM INT8 at one shape, few runs; the headline is the fastest
              exact qexport INT8 row against the fastest FP32 row
@@ -198,7 +198,8 @@ def run_demo(
         from qexport.export.exporter import export_onnx
 
         onnx_fn = export_onnx(ckpt, out / "model.functions.onnx", form="functions", linear="qdq")
-        onnx_flat = export_onnx(ckpt, out / "model.flat.onnx", form="flat", linear="qdq") if tvm else None
+        # the flat form with integer linears: what TVM builds here and what the report times
+        onnx_flat = export_onnx(ckpt, out / "model.flat.onnx", form="flat", linear="integer") if tvm else None
         files["onnx"] = str(onnx_fn)
 
     parity: dict[str, Any] = {}
@@ -237,6 +238,7 @@ def run_demo(
                 None if dyn.get("metric") is None else round(float(dyn["metric"]), 2)
             )
 
+    prebuilt: dict[str, Path] = {}
     if tvm:
         with clock("tvm", "TVM (llvm): build + parity"):
             ok, why = get_backend("tvm").available()
@@ -244,7 +246,12 @@ def run_demo(
                 parity["tvm"] = {"skipped": why}
             else:
                 assert onnx_flat is not None
+                if report:
+                    # TVM's thread pool reads this once, at its first parallel call (the parity
+                    # run below): the report's TVM rows must run on the report's threads too
+                    os.environ.setdefault("TVM_NUM_THREADS", str(REPORT_THREADS))
                 tvm_dir = get_backend("tvm").compile(onnx_flat, out / "tvm-llvm", target="llvm")
+                prebuilt["tvm-int8-cpu"] = tvm_dir  # the report times this library
                 parity["tvm"] = _parity(ckpt, "tvm", tvm_dir, rec.task, split, tvm_parity_limit,
                                         rec.max_length, out / "parity-tvm")
     summary["parity"] = parity
@@ -256,7 +263,7 @@ def run_demo(
             try:
                 rep = run_report(ckpt, None, list(report_backends), "cpu", list(report_batches),
                                  list(report_seqs), report_iters, out / "report", warmup=2,
-                                 point_budget_s=10.0, threads=REPORT_THREADS)
+                                 point_budget_s=10.0, threads=REPORT_THREADS, prebuilt=prebuilt)
             except BackendError as exc:
                 rep = {"rows": [], "error": str(exc)}
             head = rep.get("headline", {})

@@ -43,7 +43,7 @@ import gc
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -642,6 +642,7 @@ def run_report(
     progress: bool = True,
     threads: int | None = None,
     point_budget_s: float | None = DEFAULT_POINT_BUDGET_S,
+    prebuilt: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
     """Size and latency report of an integer checkpoint (or of ``model_spec``, PTQ-quantized first).
 
@@ -656,7 +657,10 @@ def run_report(
     ``progress`` (the rich bar on stderr); ``threads``: intra-op threads for PyTorch, ORT
     and TVM (default: each runtime's own default; 1 gives stable CPU numbers on a busy
     machine); ``point_budget_s``: a point that takes longer stops early with at least 3
-    timed runs (its ``iters`` and ``budget_hit`` say so; None = always ``iters``).
+    timed runs (its ``iters`` and ``budget_hit`` say so; None = always ``iters``);
+    ``prebuilt``: artifacts the caller built already, by the name the report gives them
+    (``tvm-int8-cpu``: the TVM library of the flat integer ONNX for this device, dynamic shapes),
+    used instead of building them again.
     """
     from transformers import AutoConfig
 
@@ -693,6 +697,7 @@ def run_report(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     ctx = _Context(checkpoint, out_dir, device, batches, seqs, config, threads=threads)
+    ctx.artifacts.update({str(k): Path(v) for k, v in (prebuilt or {}).items()})
     specs = [s for s in ROW_SPECS if s.runtime in names and (s.variant != "compile" or torch_compile)]
     doc: dict[str, Any] = {
         "format": "qexport-report",

@@ -54,6 +54,25 @@ def test_demo_tiny(tmp_path: Path) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == mtimes
 
 
+def test_report_times_the_tvm_library_the_demo_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TVM stage's library (parity-checked) is the one the report times, on the report's
+    thread count; no second TVM build."""
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    out = tmp_path / "demo"
+    s = demo.run_demo(out, RECIPE, TINY, parity_limit=8, tvm_parity_limit=8, report_backends=("tvm",),
+                      report_seqs=(16,), report_batches=(1,), report_iters=2)
+    assert s["parity"]["tvm"]["examples"] == 8 and s["parity"]["tvm"]["mismatches"] == 0
+    rows = {r["key"]: r for r in json.loads((out / "report" / "report.json").read_text())["rows"]}
+    assert rows["tvm-int8"]["status"] == "ok"
+    assert Path(rows["tvm-int8"]["artifact"]) == out / "tvm-llvm"
+    assert not (out / "report" / "artifacts" / "tvm-int8-cpu").exists()
+    import os
+
+    assert os.environ["TVM_NUM_THREADS"] == str(demo.REPORT_THREADS)
+
+
 def test_plain_progress_lines_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     text = io.StringIO()
     con = Console(file=text, force_terminal=False, width=120)
