@@ -37,16 +37,29 @@ I32 = np.iinfo(np.int32)
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def rt_cases(int_checkpoint: Path) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-    """(feeds, reference logits_int): batch 1 at length 5, batch 7 at 17, batch 2 padded to 32."""
-    from qexport.data import encode, get_task
+    """(feeds, reference logits_int): rt batch 1 at length 5, batch 7 at 17, batch 2 padded to 32;
+    texts of other domains (BBC news at 128 tokens; code, SQL, logs, other languages, emoji,
+    punctuation runs, one-letter rows) at batch 3 and 6."""
+    from qexport.data import Example, encode, get_task
     from qexport.evaluation import load_tokenizer
     from qexport.models.integer import IntegerModel
 
     tok = load_tokenizer(int_checkpoint)
     ex = get_task("rt").load("test")
+    news = get_task("bbc").load("test")
+    other = [Example(t) for t in (
+        "def f(x): return x**2 + 3*x - 7  # a python one-liner",
+        "SELECT name, COUNT(*) FROM users WHERE age > 30 GROUP BY name;",
+        "ERROR 2026-12-03T04:00:00Z worker-3 connection reset by peer (errno 104)",
+        "¡Hola! ¿Cómo estás? Ça va très bien, merci. 日本語のテキストも少し。 😂😂😂",
+        "!" * 90,
+        "a",
+    )]
     ref = IntegerModel.from_checkpoint(int_checkpoint)
     out = []
-    for batch, max_len, pad_to in ((ex[:1], 5, None), (ex[1:8], 17, None), (ex[8:10], 32, 32)):
+    cases = ((ex[:1], 5, None), (ex[1:8], 17, None), (ex[8:10], 32, 32),
+             (news[:3], 128, None), (other, 64, None))
+    for batch, max_len, pad_to in cases:
         enc = encode(batch, tok, max_length=max_len, pad_to=pad_to)
         feeds = {k: enc[k].numpy().astype(np.int64) for k in ("input_ids", "attention_mask")}
         out.append((feeds, ref(enc["input_ids"], enc["attention_mask"]).numpy()))
@@ -101,7 +114,7 @@ def test_minilm_qdq_static_bit_exact_and_shape_check(static_qdq: Path, rt_cases)
     from qexport.backends.tvm import TVMBackend
 
     runner = TVMBackend().load(static_qdq, "cpu")
-    feeds, ref = rt_cases[-1]  # batch 2, seq 32: the built shape
+    feeds, ref = rt_cases[2]  # batch 2, seq 32: the built shape
     np.testing.assert_array_equal(runner.run(feeds)["logits_int"], ref)
     longer = {k: np.concatenate([v, v[:, :8]], axis=1) for k, v in feeds.items()}
     with pytest.raises(BackendError, match=r"built for batch=2,seq=32; got input_ids shape \(2, 40\)"):
