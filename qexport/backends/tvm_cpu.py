@@ -155,6 +155,20 @@ def _rewrite_stacked_minmax(mod: Any) -> tuple[Any, int]:
     return mod, count
 
 
+def _mutate_functions(mutator: Any, mod: Any, analyse: Callable[[Any], None] | None = None) -> Any:
+    """Run a ``PyExprMutator`` (with a ``var2val`` attribute: each variable's bound value) over
+    every Relax function of ``mod``; ``analyse(func)`` first, per function. The new module."""
+    from tvm import relax
+
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mutator.var2val = relax.analysis.get_var2val(func)
+            if analyse is not None:
+                analyse(func)
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 _BROADCASTING_BINARY = frozenset({
     "relax.minimum", "relax.maximum", "relax.add", "relax.subtract", "relax.multiply",
     "relax.divide", "relax.floor_divide", "relax.right_shift", "relax.left_shift",
@@ -209,11 +223,7 @@ def _operand_broadcasts(mod: Any) -> tuple[Any, int]:
             return call
 
     strip = Strip(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            strip.var2val = relax.analysis.get_var2val(func)
-            strip.builder_.update_func(gv, strip.visit_expr(func))
-    return strip.builder_.get(), strip.done
+    return _mutate_functions(strip, mod), strip.done
 
 
 def _take_clip(mod: Any) -> tuple[Any, int]:
@@ -300,11 +310,7 @@ def _take_tables(mod: Any) -> tuple[Any, int]:
             return out
 
     tables = Tables(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            tables.var2val = relax.analysis.get_var2val(func)
-            tables.builder_.update_func(gv, tables.visit_expr(func))
-    return tables.builder_.get(), tables.done
+    return _mutate_functions(tables, mod), tables.done
 
 
 def _const_array(expr: Any) -> Any | None:
@@ -524,12 +530,11 @@ def _pow2_divides_to_shifts(mod: Any) -> tuple[Any, int, int, int]:
             return None
 
     shifts = Shifts(mod)
-    for gv, func in list(mod.functions_items()):
-        if isinstance(func, relax.Function):
-            shifts.var2val = relax.analysis.get_var2val(func)
-            shifts.nonneg = _nonneg_bindings(func)
-            shifts.builder_.update_func(gv, shifts.visit_expr(func))
-    return shifts.builder_.get(), shifts.done, shifts.floats, shifts.left
+
+    def analyse(func: Any) -> None:
+        shifts.nonneg = _nonneg_bindings(func)
+
+    return _mutate_functions(shifts, mod, analyse), shifts.done, shifts.floats, shifts.left
 
 
 def gemm_module() -> Any | None:
