@@ -50,6 +50,10 @@ pipeline with three additions:
   - ``fallback``: injective blocks inlined, the outer spatial loops of each block parallel;
   - ``unscheduled``: a PrimFunc no rule handles builds as is.
 
+* the GEMM epilogues (:mod:`qexport.backends.tvm_epilogue`, before the rules): each int8 GEMM's
+  fused elementwise consumer (requantisation, i-GELU, residual add, reshape into heads) runs in
+  the GEMM's store of each accumulator, so the int32 output never goes to memory.
+
 * optional MetaSchedule: a database (from :func:`tune`) is applied before the default rules; its
   records match only PrimFuncs with the same structure and target, everything else keeps the
   default schedules.
@@ -1020,6 +1024,7 @@ class BuildInfo:
         self.gemm: list[dict[str, Any]] = []
         self.gemm_available = False
         self.gemm_summary = ""
+        self.epilogues = ""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -1027,6 +1032,7 @@ class BuildInfo:
             "relax_rewrites": dict(self.rewrites),
             "int8_gemm_kernels": self.gemm,
             "int8_gemm_module": self.gemm_available,
+            "int8_gemm_epilogues": self.epilogues,
         }
 
 
@@ -1069,6 +1075,22 @@ def fused(mod: Any, target: Any) -> Any:
         return seq(mod)
 
 
+def epilogue_pass(info: BuildInfo) -> Any:
+    """Module pass: each int8 GEMM's elementwise consumer into its epilogue
+    (:mod:`qexport.backends.tvm_epilogue`); the summary lands in ``info``."""
+    import tvm
+
+    from qexport.backends import tvm_epilogue
+
+    @tvm.transform.module_pass(opt_level=0, name="qexport.GemmEpilogues")
+    def _fuse(mod: Any, _ctx: Any) -> Any:
+        mod, records = tvm_epilogue.fuse_epilogues(mod)
+        info.epilogues = tvm_epilogue.summarize(records) if records else ""
+        return mod
+
+    return _fuse
+
+
 def cpu_pipeline(target: Any, info: BuildInfo, *, schedule: bool = True, database: Any | None = None) -> Any:
     """The Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on an already
     :func:`prepare`-d and :func:`fused` module: (tuned records) -> rules -> lowering."""
@@ -1079,6 +1101,8 @@ def cpu_pipeline(target: Any, info: BuildInfo, *, schedule: bool = True, databas
     @tvm.transform.module_pass(opt_level=0, name="qexport.CPUPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         passes: list[Any] = []
+        if schedule and info.gemm_summary and os.environ.get("QEXPORT_TVM_EPILOGUES", "1") != "0":
+            passes.append(epilogue_pass(info))
         if database is not None:
             passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
         if schedule:

@@ -51,6 +51,7 @@ stack (larger local buffers become heap workspaces) and LLVM promotes it to regi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ from typing import Any
 import numpy as np
 
 SCHEDULED_ATTR = "qexport.scheduled"
+GEMM_ATTR = "qexport.gemm"  # JSON: the gemm_primfunc arguments a kernel was built from
 OPAQUE_PATTERN = 8  # relay/relax OpPatternKind kOpaque: FuseOps leaves the call alone
 _XOR_0x80 = -2139062144  # 0x80808080 as int32: adds 128 to each of 4 packed int8 bytes
 
@@ -211,7 +213,10 @@ def gemm_primfunc(
 
     Arguments: ``A [Bt, M, K]`` (``a_dtype`` int8/uint8), packed ``W`` and ``corr`` as
     :func:`pack_weight` (first dim ``1`` when ``shared_b`` else ``Bt``), output ``C [Bt, M, N]``.
-    ``k``/``n`` ``None`` = symbolic; ``Bt`` and ``M`` are always symbolic.
+    ``k``/``n`` ``None`` = symbolic; ``Bt`` and ``M`` are always symbolic. Every store of ``C``
+    is one element (in a vectorised loop for full tiles), the form into which
+    :mod:`qexport.backends.tvm_epilogue` substitutes the consumer's elementwise chain; the
+    function carries :data:`GEMM_ATTR` (what it was built from).
     """
     from qexport.backends.tvm import _cheap_inspect_stack
 
@@ -220,7 +225,8 @@ def gemm_primfunc(
             func = _scalar_gemm(k=k, n=n, a_dtype=a_dtype, shared_b=shared_b)
         else:
             func = _simd_gemm(st, k=k, n=n, a_dtype=a_dtype, shared_b=shared_b)
-    return _finish(func)
+    key = json.dumps({"strategy": st.name, "k": k, "n": n, "a_dtype": a_dtype, "shared_b": shared_b})
+    return _finish(func).with_attr(GEMM_ATTR, key)
 
 
 def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shared_b: bool) -> Any:
@@ -320,13 +326,16 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
                                         ],
                                     )
                         if ((p // mcn) % nb) * nr + nr <= nn:
+                            # one scalar store per element in a vectorised loop (vectorised to the
+                            # same ramp store): the form into which an epilogue is substituted
                             for i in T.unroll(mr):
                                 for v in T.unroll(nv):
-                                    C[
-                                        p // (mcn * nb),
-                                        T.min((p % mcn) * mcr + blk * mr + i, m - 1),
-                                        T.ramp(((p // mcn) % nb) * nr + v * lanes, 1, lanes),
-                                    ] = acc[T.ramp((i * nv + v) * lanes, 1, lanes)]
+                                    for ln in T.vectorized(lanes):
+                                        C[
+                                            p // (mcn * nb),
+                                            T.min((p % mcn) * mcr + blk * mr + i, m - 1),
+                                            ((p // mcn) % nb) * nr + v * lanes + ln,
+                                        ] = acc[(i * nv + v) * lanes + ln]
                         else:
                             spill = T.alloc_buffer((acc_n,), "int32", scope="global")
                             for i in T.unroll(mr):

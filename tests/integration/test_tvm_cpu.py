@@ -2,7 +2,9 @@
 
 * MiniLM (PTQ checkpoint) on real rt text: the scheduled build's ``logits_int`` equal the PyTorch
   integer reference element for element, for ``--linear integer`` (functions form, dynamic
-  shapes) and ``--linear qdq`` (flat form, static shapes); the sidecar records the rules.
+  shapes) and (``slow``) ``--linear qdq`` (flat form, static shapes); the sidecar records the
+  rules;
+* a GEMM's requantisation / reshape into heads runs in its epilogue, exactly (static and dynamic).
 * a small integer graph with edge values (INT32_MIN/MAX numerators, runtime and constant
   divisors, 2- and 3-input Min/Max, a Gather table, MatMulInteger) equals ONNX Runtime exactly,
   and its build prints no TVM warning;
@@ -110,6 +112,7 @@ def test_minilm_sidecar_records_rules(dyn_integer: Path) -> None:
     assert meta["tuning"] is None and "int32" in meta["int8_matmul_strategy"]
 
 
+@pytest.mark.slow  # a 50 s static build; the qdq lowering itself is tested on small graphs
 def test_minilm_qdq_static_bit_exact_and_shape_check(static_qdq: Path, rt_cases) -> None:  # type: ignore[no-untyped-def]
     from qexport.backends.tvm import TVMBackend
 
@@ -328,7 +331,7 @@ def _shift_graph(path: Path) -> Path:
     inits = [
         nh.from_array(np.array([1 << (c % 31) for c in range(64)], np.int32), "pow2_c"),  # per channel
         nh.from_array(np.array([1 << k for k in range(31)], np.int32), "pow2_table"),
-        nh.from_array(np.array(3, np.int32), "three"),
+        nh.from_array(np.array([2], np.int64), "last"),
         nh.from_array(np.array(0, np.int32), "zero"),
         nh.from_array(np.array(30, np.int32), "i30"),
         nh.from_array(np.array(1 << 29, np.int32), "cap"),
@@ -498,3 +501,81 @@ def test_formula_tables_become_arithmetic(tmp_path: Path) -> None:
     got = TVMBackend().load(art, "cpu").run(feeds)
     for name, w in zip("aso", want, strict=True):
         np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM epilogues
+# --------------------------------------------------------------------------------------------
+def _epilogue_graph(path: Path) -> Path:
+    """Two int8 GEMMs: one requantised, reshaped into heads and transposed (an elementwise
+    consumer: goes into the GEMM's epilogue), one reduced over its rows (stays a kernel of its own)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(3)
+    w1 = rng.integers(-128, 128, (128, 96)).astype(np.int8)
+    w1[:, 0] = -128  # extreme columns: the most negative and the largest sums
+    w1[:, 1] = 127
+    inits = [
+        nh.from_array(w1, "w1"),
+        nh.from_array(rng.integers(-128, 128, (128, 64)).astype(np.int8), "w2"),
+        nh.from_array(rng.integers(-5000, 5000, 96).astype(np.int32), "bias"),
+        nh.from_array(rng.integers(1, 40, 96).astype(np.int32), "mult"),
+        nh.from_array(np.array(4096, np.int32), "den"),
+        nh.from_array(np.array(-128, np.int32), "lo"),
+        nh.from_array(np.array(127, np.int32), "hi"),
+        nh.from_array(np.array([0, 0, 3, 32], np.int64), "heads"),
+        nh.from_array(np.array([2], np.int64), "last"),
+    ]
+    nodes = [
+        h.make_node("MatMulInteger", ["x", "w1"], ["y1"]),
+        h.make_node("Add", ["y1", "bias"], ["b1"]),
+        h.make_node("Mul", ["b1", "mult"], ["m1"]),
+        h.make_node("Div", ["m1", "den"], ["d1"]),
+        h.make_node("Max", ["d1", "lo"], ["c0"]),
+        h.make_node("Min", ["c0", "hi"], ["c1"]),
+        h.make_node("Cast", ["c1"], ["q1"], to=T.INT8),
+        h.make_node("Reshape", ["q1", "heads"], ["r1"]),
+        h.make_node("Transpose", ["r1"], ["heads_out"], perm=[0, 2, 1, 3]),
+        h.make_node("MatMulInteger", ["x", "w2"], ["y2"]),
+        h.make_node("ReduceMax", ["y2", "last"], ["rowmax"], keepdims=1),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "epilogues",
+        [h.make_tensor_value_info("x", T.INT8, ["batch", "seq", 128])],
+        [
+            h.make_tensor_value_info("heads_out", T.INT8, ["batch", 3, "seq", 32]),
+            h.make_tensor_value_info("rowmax", T.INT32, ["batch", "seq", 1]),
+        ],
+        inits,
+    )
+    return save_checked_graph(graph, path)
+
+
+@pytest.mark.parametrize("shapes", [{"batch": 2, "seq": 23}, None], ids=["static", "dynamic"])
+def test_gemm_epilogue_fuses_the_requantisation_and_stays_exact(tmp_path: Path, shapes) -> None:  # type: ignore[no-untyped-def]
+    """The requantise -> reshape -> transpose chain, and the reshape in front of a reduction, run
+    in their GEMMs' epilogues (the sidecar counts them); every output equals ONNX Runtime's
+    exactly, including int8 extremes and M = batch*seq not a multiple of the register tile."""
+    from qexport.backends import tvm_gemm
+    from qexport.backends.tvm import TVMBackend
+    from qexport.host import cpu_flags
+
+    model = _epilogue_graph(tmp_path / "epi.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm", shapes=shapes)
+    meta = json.loads((art / "tvm.json").read_text())
+    if tvm_gemm.select_strategy(cpu_flags()).kind != "scalar":
+        assert meta["int8_gemm_epilogues"] == "2 of 2 GEMM consumers fused", meta
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    runner = TVMBackend().load(art, "cpu")
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        x = rng.integers(-128, 128, (2, 23, 128)).astype(np.int8)
+        x[0, :2] = -128 if seed else 127
+        names = ["heads_out", "rowmax"]
+        want = sess.run(names, {"x": x})
+        got = runner.run({"x": x})
+        for name, w in zip(names, want, strict=True):
+            np.testing.assert_array_equal(got[name], w, err_msg=name)

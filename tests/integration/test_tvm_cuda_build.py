@@ -4,8 +4,9 @@ The MiniLM PTQ checkpoint (preset ``full``) is exported flat in both linear form
 ``qexport tvm`` (the CLI, in a subprocess: a crash inside TVM's scheduler fails the test instead
 of killing pytest). The sidecar must record the rule of every PrimFunc, the functions that needed
 a later rule and why, and tensor cores for every int8 GEMM (WMMA int8 exists on sm_75 and sm_90).
-A few seconds of lowering per PrimFunc add up: the four full builds are ``slow``; the default run
-builds one graph for sm_90 and checks the per-function rule machinery on a hand-made PrimFunc.
+A few seconds of lowering per PrimFunc add up: the full builds are ``slow`` (the integer graph
+for sm_90 included, 40 s); the default run checks the per-function rule machinery on a hand-made
+PrimFunc (small graphs build for sm_75 in ``test_tvm_backend.py``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def _check_sidecar(meta: dict, out: Path, arch: str, linear: str) -> None:
         assert meta["qdq_matmuls_to_int8"] == 0 and meta["int8_matmuls"] > 0
 
 
+@pytest.mark.slow  # a 40 s nvcc build of the whole model; small graphs build for sm_75 by default
 @needs_nvcc
 def test_minilm_integer_sm90(minilm_onnx: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "h100"
