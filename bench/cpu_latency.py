@@ -21,9 +21,10 @@ the rows:
 
 Artifacts are built once in ``--work`` (reused on the next run). Each thread count runs in its own
 subprocess (TVM reads ``TVM_NUM_THREADS`` when it is first imported; ORT takes
-``intra_op_num_threads``), where the rows take turns (each turn: one untimed run, which absorbs the
-previous runtime's spinning thread pool, then three timed runs; ``--iters`` timed runs per row after
-a warm-up), so that a process sharing the cores slows them alike and the ratios come from one run. The table
+``intra_op_num_threads``), where the rows take turns (each turn: a 250 ms pause, in which the
+previous runtime's spinning thread pool goes to sleep, one untimed run, then three timed runs;
+``--iters`` timed runs per row after a warm-up), so that a process sharing the cores slows them
+alike and the ratios come from one run, and each row is timed as if it ran alone. The table
 shows medians (ms) and the ratios best FP32 / qexport and ORT dynamic / qexport (> 1: qexport is
 faster); ``--json`` writes every median. ``--profile``: ORT's per-op-type profile of the saved
 ORT-CPU form (largest batch and seq, fewest threads).

@@ -6,8 +6,8 @@
 For each ``MxKxN`` (default: M = 1024, 128, 8 at K=768, N=3072, and M = 1024, 128 at the
 MiniLM / RoBERTa linear shapes 384x384, 384x1536, 1536x384, 768x768, 768x3072) and each thread
 count (a fresh subprocess per count: ``TVM_NUM_THREADS``, OpenMP/BLAS thread variables and ORT's
-``intra_op_num_threads``), times, interleaved (each contender in turn: one untimed call, then
-three timed; ``iters`` timed calls each, medians):
+``intra_op_num_threads``), times, interleaved (each contender in turn: a 250 ms pause, one
+untimed call, then three timed; ``iters`` timed calls each, medians):
 
 * ``tvm``: :func:`qexport.backends.tvm_gemm.gemm_primfunc` for the host's strategy (or
   ``--strategy``), int8 activations x packed int8 weights (the +128 shift and its correction

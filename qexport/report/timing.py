@@ -54,20 +54,26 @@ def time_runs(
     return samples
 
 
-def interleaved_ms(calls: Mapping[str, Callable[[], object]], iters: int, block: int = 3) -> dict[str, float]:
+def interleaved_ms(
+    calls: Mapping[str, Callable[[], object]], iters: int, block: int = 3, settle: float = 0.25
+) -> dict[str, float]:
     """Median milliseconds per call of each contender, timed in turns within one process.
 
-    Each round runs every contender once untimed and then ``block`` times timed, so that a
-    drift of the machine (another process, the clock) affects all contenders alike and the
-    ratios come from one run. The untimed call absorbs what the previous contender leaves
-    behind: ONNX Runtime's and TVM's thread pools spin for a while after a call before they
-    sleep, and a call timed right after another runtime's shares the cores with those spinning
-    threads (on 2 cores, 2-thread calls ran up to 7x slower when timed run by run). Rounds:
-    ``ceil(iters / block)``.
+    Each round gives every contender a turn: a pause of ``settle`` seconds, one untimed call,
+    then ``block`` timed calls, so that a drift of the machine (another process, the clock)
+    affects all contenders alike and the ratios come from one run. The pause lets the previous
+    contender's thread pool go to sleep: ONNX Runtime's workers spin for 10-50 ms after a call
+    (a 2-thread TVM GEMM timed within 10 ms of an ORT call ran at half its speed on 2 cores, 12.4
+    vs 6.4 ms; 6.6 ms after a 50 ms pause) and OpenMP pools (numpy's BLAS) up to 200 ms (small
+    GEMMs needed the 250 ms default to reach their alone speed), so each contender is timed as if
+    it were alone, as in a user's process. The untimed call wakes the contender's own pool (ORT's
+    first call after a pause was 2x slower). Rounds: ``ceil(iters / block)``.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(-(-iters // block)):
         for name, call in calls.items():
+            if settle > 0:
+                time.sleep(settle)
             call()
             for _ in range(block):
                 t0 = time.perf_counter()
