@@ -148,9 +148,8 @@ def worker(spec_path: Path) -> None:
     """One thread count: load every row, time every shape interleaved, print JSON on stdout."""
     spec = json.loads(spec_path.read_text())
     threads, iters, warmup = int(spec["threads"]), int(spec["iters"]), int(spec["warmup"])
-    import torch
-
-    torch.set_num_threads(threads)
+    # no torch here: its OpenMP pool (torch.set_num_threads) made the 2-thread TVM rows of small
+    # inputs vary from 6.6 to 10.5 ms; no row runs torch
     from qexport.backends import get_backend
     from qexport.report.baselines import OrtRunner
 
