@@ -422,7 +422,7 @@ class TVMBackend(Backend):
         database = None
         if schedule:
             mod = tvm_cpu.prepare(mod, target, info, frozenset(cpu_flags()))
-        mod = tvm_cpu.fused(mod, target)
+        mod = tvm_cpu.fused(mod, target, info if schedule else None)
         if tune or tune_db is not None:
             key = tvm_cpu.tune_key(target, shapes)
             default_db = tune_db is None or Path(tune_db).resolve() == (out_dir / "tune-db").resolve()

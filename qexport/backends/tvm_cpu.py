@@ -50,6 +50,11 @@ pipeline with three additions:
   - ``fallback``: injective blocks inlined, the outer spatial loops of each block parallel;
   - ``unscheduled``: a PrimFunc no rule handles builds as is.
 
+* row groups (:mod:`qexport.backends.tvm_rows`, between ``FuseOps`` and ``FuseTIR``): the kernels
+  of one LayerNorm (row sums, maxima, Newton square root, normalisation) or of one softmax's
+  max / exp / sum merge into one PrimFunc, scheduled row by row (the ``reduction`` rule; with
+  outputs in the middle, every block is computed under the first block's parallel row loop).
+
 * the GEMM epilogues (:mod:`qexport.backends.tvm_epilogue`, before the rules): each int8 GEMM's
   fused elementwise consumer (requantisation, i-GELU, residual add, reshape into heads) runs in
   the GEMM's store of each accumulator, so the int32 output never goes to memory.
@@ -944,7 +949,45 @@ def _rule_reduction(func: Any, vbits: int) -> Any | None:
         outer = s[: lead]
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
         return sch
-    return _chain(sch, blocks, vbits)
+    try:
+        return _chain(sch, blocks, vbits)
+    except Exception:  # noqa: BLE001 - an output block in the middle (a merged row group)
+        pass
+    sch = s_tir.Schedule(func)
+    infos = _normalize(sch)
+    if infos is None:
+        return None
+    blocks = [b.block_rv for b in _inline_all(sch, infos)]
+    return _chain_forward(sch, blocks, vbits)
+
+
+def _chain_forward(sch: Any, blocks: list[Any], vbits: int) -> Any | None:
+    """A row group (:mod:`qexport.backends.tvm_rows`) with outputs in the middle, which
+    ``compute_at`` cannot move: parallel over the FIRST block's row loops, every later block
+    computed under them in order (``reverse_compute_at`` moves output blocks too)."""
+    kinds = [_iter_kinds(sch, b) for b in blocks]
+    if any("O" in k for k in kinds):
+        return None
+    lead = min(_leading_spatial(k) for k in kinds)
+    for k in kinds:
+        if "R" not in k:
+            lead = min(lead, max(len(k) - 1, 1))
+    if lead == 0:
+        return None
+    outer = sch.get_loops(blocks[0])[:lead]
+    extents = [_extent(sch, lp) for lp in outer]
+    for blk in blocks[1:]:
+        loops = sch.get_loops(blk)[:lead]
+        if [_extent(sch, lp) for lp in loops] != extents:
+            return None
+    spatial = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(spatial)
+    for blk in blocks[1:]:
+        sch.reverse_compute_at(blk, spatial, preserve_unit_loops=True)
+    for blk, k in zip(blocks, kinds, strict=True):
+        if "R" not in k:
+            _vectorize_inner(sch, blk, vbits)
+    return sch
 
 
 def _rule_fallback(func: Any, vbits: int) -> Any | None:
@@ -1055,8 +1098,10 @@ def prepare(mod: Any, target: Any, info: BuildInfo, features: frozenset[str]) ->
     return mod
 
 
-def fused(mod: Any, target: Any) -> Any:
-    """Legalize, annotate, fold and fuse: the module MetaSchedule tunes and the rules schedule."""
+def fused(mod: Any, target: Any, info: BuildInfo | None = None) -> Any:
+    """Legalize, annotate, fold and fuse: the module MetaSchedule tunes and the rules schedule.
+    With ``info`` (a scheduled build; its sidecar counts them) the row groups of
+    :mod:`qexport.backends.tvm_rows` are merged too, unless ``QEXPORT_TVM_ROWS=0``."""
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -1069,10 +1114,16 @@ def fused(mod: Any, target: Any) -> Any:
                 relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(),
                 relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
             ]
         )
-        return seq(mod)
+        mod = seq(mod)
+        if info is not None and os.environ.get("QEXPORT_TVM_ROWS", "1") != "0":
+            from qexport.backends import tvm_rows
+
+            mod, groups = tvm_rows.merge_row_groups(mod)
+            if info is not None:
+                info.rewrites["row_groups"] = groups
+        return relax.transform.FuseTIR()(mod)
 
 
 def epilogue_pass(info: BuildInfo) -> Any:

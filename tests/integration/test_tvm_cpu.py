@@ -331,7 +331,7 @@ def _shift_graph(path: Path) -> Path:
     inits = [
         nh.from_array(np.array([1 << (c % 31) for c in range(64)], np.int32), "pow2_c"),  # per channel
         nh.from_array(np.array([1 << k for k in range(31)], np.int32), "pow2_table"),
-        nh.from_array(np.array([2], np.int64), "last"),
+        nh.from_array(np.array(3, np.int32), "three"),
         nh.from_array(np.array(0, np.int32), "zero"),
         nh.from_array(np.array(30, np.int32), "i30"),
         nh.from_array(np.array(1 << 29, np.int32), "cap"),
@@ -579,3 +579,55 @@ def test_gemm_epilogue_fuses_the_requantisation_and_stays_exact(tmp_path: Path, 
         got = runner.run({"x": x})
         for name, w in zip(names, want, strict=True):
             np.testing.assert_array_equal(got[name], w, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# row groups
+# --------------------------------------------------------------------------------------------
+def _rows_graph(path: Path) -> Path:
+    """A LayerNorm-shaped integer chain: row sum, centre, |.|, row max, divide by it; the centred
+    value is an output of its own (a group output in the middle)."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    inits = [nh.from_array(np.array([-1], np.int64), "last"), nh.from_array(np.array(64, np.int32), "n"),
+             nh.from_array(np.array(1, np.int32), "one"), nh.from_array(np.array(1000, np.int32), "k")]
+    nodes = [
+        h.make_node("ReduceSum", ["x", "last"], ["s"], keepdims=1),
+        h.make_node("Mul", ["x", "n"], ["xn"]),
+        h.make_node("Sub", ["xn", "s"], ["centred"]),
+        h.make_node("Abs", ["centred"], ["a"]),
+        h.make_node("ReduceMax", ["a", "last"], ["m"], keepdims=1),
+        h.make_node("Add", ["m", "one"], ["m1"]),
+        h.make_node("Mul", ["centred", "k"], ["ck"]),
+        h.make_node("Div", ["ck", "m1"], ["normed"]),
+    ]
+    graph = h.make_graph(
+        nodes, "rows", [h.make_tensor_value_info("x", T.INT32, ["batch", "seq", 64])],
+        [h.make_tensor_value_info(o, T.INT32, ["batch", "seq", 64]) for o in ("normed", "centred")], inits,
+    )
+    return save_checked_graph(graph, path)
+
+
+@pytest.mark.parametrize("shapes", [{"batch": 2, "seq": 5}, None], ids=["static", "dynamic"])
+def test_row_group_merges_the_reductions_and_stays_exact(tmp_path: Path, shapes) -> None:  # type: ignore[no-untyped-def]
+    """Row sum -> centre -> row max -> divide become one kernel, computed row by row (the
+    sidecar counts the group); both outputs equal ONNX Runtime's exactly."""
+    from qexport.backends.tvm import TVMBackend
+
+    model = _rows_graph(tmp_path / "rows.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm", shapes=shapes)
+    meta = json.loads((art / "tvm.json").read_text())
+    assert meta["relax_rewrites"]["row_groups"] == 1, meta["relax_rewrites"]
+    assert meta["cpu_schedules"].get("reduction", 0) >= 1 and not meta["cpu_schedules"].get("fallback")
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    runner = TVMBackend().load(art, "cpu")
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.integers(-1000, 1000, (2, 5, 64)).astype(np.int32)
+        x[0, 0] = 7  # a constant row: centred 0, max 0
+        want = sess.run(["normed", "centred"], {"x": x})
+        got = runner.run({"x": x})
+        np.testing.assert_array_equal(got["normed"], want[0])
+        np.testing.assert_array_equal(got["centred"], want[1])
