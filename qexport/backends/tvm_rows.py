@@ -8,10 +8,11 @@ normalisation and requantisation. :func:`merge_row_groups` runs between ``FuseOp
 PrimFunc and the ``reduction`` rule of :mod:`qexport.backends.tvm_cpu` schedules row by row (the
 rows in parallel, every block of a row computed while the row is in cache).
 
-A group starts at a call whose function reduces over the last axis and takes in the calls that
-read its outputs, as long as each produces one tensor with the same leading dimensions (the
-rows: ``[batch, seq]`` or ``[batch, heads, seq]``) and nothing outside the group reads a group
-output before the group's last call (the merged call takes the last call's place). Calls of the
+A group starts at a call whose function reduces rows to one value each (a sum or max with a last
+dimension of 1; a matmul never joins a group) and takes in the calls that read its outputs, as
+long as each produces one tensor with the same leading dimensions (the rows: ``[batch, seq]`` or
+``[batch, heads, seq]``) and nothing outside the group reads a group output before the group's
+last call (the merged call takes the last call's place). Calls of the
 int8 GEMM kernels and calls that read a GEMM's output are left out, so the GEMM epilogues
 (:mod:`qexport.backends.tvm_epilogue`) keep their consumers. Exact: the same PrimFuncs on the
 same values, only the kernel boundaries move.
@@ -40,14 +41,25 @@ def _same_dims(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(tvm_ffi.structural_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def _reduces_last_axis(func: Any) -> bool:
-    """Some block of the PrimFunc(s) behind ``func`` has a reduction iterator."""
+def _reductions(func: Any) -> tuple[bool, bool]:
+    """(row, other): the PrimFunc has a reduction block writing one value per row (its output's
+    last dimension is 1: a row sum or max), and one writing anything else (a matmul)."""
     import tvm_ffi
-    from tvm import s_tir
+    from tvm import s_tir, tirx
 
     found: list[Any] = []
     tvm_ffi.structural_walk(func, [(s_tir.SBlock, found.append)])
-    return any(int(iv.iter_type) == 2 for blk in found for iv in blk.iter_vars)
+    row = other = False
+    for blk in found:
+        if not any(int(iv.iter_type) == 2 for iv in blk.iter_vars):
+            continue
+        shape = list(blk.writes[0].source.shape) if blk.writes else []
+        last = shape[-1] if shape else 1
+        if isinstance(last, int | tirx.IntImm) and int(last) == 1:
+            row = True
+        else:
+            other = True
+    return row, other
 
 
 def merge_row_groups(mod: Any) -> tuple[Any, int]:
@@ -83,13 +95,17 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
             return False
         return kind[1].attrs is not None and SCHEDULED_ATTR in kind[1].attrs
 
-    def reduces(call: Any) -> bool:
+    def reductions(call: Any) -> tuple[bool, bool]:
         kind = callee(call)
         if kind is None:
-            return False
-        if kind[0] == "tir":
-            return _reduces_last_axis(kind[1])
-        return any(_reduces_last_axis(mod[c.args[0]]) for c in _calls(kind[1]))
+            return False, False
+        funcs = [kind[1]] if kind[0] == "tir" else [mod[c.args[0]] for c in _calls(kind[1])]
+        found = [_reductions(f) for f in funcs]
+        return any(r for r, _ in found), any(o for _, o in found)
+
+    def reduces(call: Any) -> bool:
+        row, other = reductions(call)
+        return row and not other
 
     groups: list[list[Any]] = []  # lists of bindings
     for _gv, func in main_funcs:
@@ -119,6 +135,7 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
                     ok = (
                         callee(b.value) is not None
                         and not is_gemm(b.value)
+                        and not reductions(b.value)[1]
                         and not any(a in gemm_out for a in reads)
                         and b.var not in taken
                         and shp is not None

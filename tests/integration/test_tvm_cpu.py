@@ -631,3 +631,33 @@ def test_row_group_merges_the_reductions_and_stays_exact(tmp_path: Path, shapes)
         got = runner.run({"x": x})
         np.testing.assert_array_equal(got["normed"], want[0])
         np.testing.assert_array_equal(got["centred"], want[1])
+
+
+def test_a_float_matmul_never_joins_a_row_group(tmp_path: Path) -> None:
+    """A float MatMul is a reduction too, but not a row reduction: it keeps its own kernel and
+    the matmul schedule (merged into a row group it ran 40x slower), while the row sum after it
+    still groups with what follows."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from qexport.backends.tvm import TVMBackend
+
+    rng = np.random.default_rng(0)
+    inits = [nh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w"),
+             nh.from_array(np.array([-1], np.int64), "last")]
+    nodes = [h.make_node("MatMul", ["x", "w"], ["y"]),
+             h.make_node("ReduceSum", ["y", "last"], ["s"], keepdims=1),
+             h.make_node("Sub", ["y", "s"], ["c"]),
+             h.make_node("ReduceMax", ["c", "last"], ["m"], keepdims=1),
+             h.make_node("Div", ["c", "m"], ["out"])]
+    graph = h.make_graph(nodes, "mm", [h.make_tensor_value_info("x", T.FLOAT, ["batch", 8, 64])],
+                         [h.make_tensor_value_info("out", T.FLOAT, ["batch", 8, 64])], inits)
+    model = save_checked_graph(graph, tmp_path / "mm.onnx")
+    art = TVMBackend().compile(model, tmp_path / "art", target="llvm")
+    meta = json.loads((art / "tvm.json").read_text())
+    assert meta["cpu_schedules"].get("matmul", 0) == 1, meta["cpu_schedules"]
+    assert meta["relax_rewrites"]["row_groups"] == 1
+    x = rng.standard_normal((2, 8, 64)).astype(np.float32)
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["out"], {"x": x})[0]
+    np.testing.assert_allclose(TVMBackend().load(art, "cpu").run({"x": x})["out"], want, rtol=1e-4, atol=1e-4)
