@@ -1120,9 +1120,7 @@ def fused(mod: Any, target: Any, info: BuildInfo | None = None) -> Any:
         if info is not None and os.environ.get("QEXPORT_TVM_ROWS", "1") != "0":
             from qexport.backends import tvm_rows
 
-            mod, groups = tvm_rows.merge_row_groups(mod)
-            if info is not None:
-                info.rewrites["row_groups"] = groups
+            mod, info.rewrites["row_groups"] = tvm_rows.merge_row_groups(mod)
         return relax.transform.FuseTIR()(mod)
 
 

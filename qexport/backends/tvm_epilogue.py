@@ -15,7 +15,8 @@ element per GEMM element: its iteration space has the GEMM output's size and it 
 output (or an earlier block) through an index map that TVM inverts (``IndexMap.inverse``, a
 bijection), every other read of those buffers at the same element (proved by the arithmetic
 analyzer). The blocks that ``_inline_all`` keeps separate (values read several times, kept so
-the expression does not grow exponentially) become ``Let`` bindings of the epilogue. Anything
+the expression does not grow exponentially) store their value in a per-lane scratch of the tile
+(``Let`` bindings would be duplicated by the loop unrolling, which TIR rejects). Anything
 else (a reduction, a broadcast of the GEMM output, a second output) keeps the two kernels; the
 sidecar lists why.
 
@@ -26,12 +27,10 @@ of memory), so the results are bit-identical.
 
 from __future__ import annotations
 
-import functools
 import json
-import operator
 from typing import Any
 
-from qexport.backends.tvm_gemm import GEMM_ATTR, STRATEGIES
+from qexport.backends.tvm_gemm import GEMM_ATTR, STRATEGIES, _prod
 
 
 class _Skip(Exception):
@@ -46,8 +45,19 @@ def _walk(node: Any, typ: Any) -> list[Any]:
     return found
 
 
-def _prod(xs: Any) -> Any:
-    return functools.reduce(operator.mul, list(xs), 1)
+def _readers(funcs: list[Any]) -> dict[Any, list[Any]]:
+    """Relax variable -> the bindings that read it (``None``: its function's result reads it)."""
+    from tvm import relax
+
+    out: dict[Any, list[Any]] = {}
+    for func in funcs:
+        for blk in func.body.blocks:
+            for b in blk.bindings:
+                for v in _walk(b.value, relax.Var):
+                    out.setdefault(v, []).append(b)
+        for v in _walk(func.body.body, relax.Var):
+            out.setdefault(v, []).append(None)
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -88,20 +98,25 @@ class _Plan:
         return stmts[0] if len(stmts) == 1 else tirx.SeqStmt(stmts)
 
 
-def _subst(expr: Any, vmap: list[tuple[Any, Any]]) -> Any:
+def _subst(expr: Any, vmap: list[tuple[Any, Any]], loads: list[tuple[Any, Any]] | None = None) -> Any:
+    """``expr`` with the variables of ``vmap`` replaced, and each load of a buffer in ``loads``
+    replaced by that buffer's value (identity lookups)."""
     import tvm_ffi
-    from tvm import tirx
+    from tvm import ir, tirx
 
     def on_var(v: Any) -> Any:
         got = _lookup(vmap, v)
         return v if got is None else got
 
-    return tvm_ffi.structural_map(expr, [(tirx.Var, on_var)])
+    def on_load(ld: Any) -> Any:
+        got = _lookup(loads or [], ld.source)
+        return ld if got is None else got
+
+    return tvm_ffi.structural_map(expr, [(tirx.Var, on_var), (ir.TensorLoad, on_load)])
 
 
 def _plan(chain: Any, c_pos: int) -> _Plan:
     """Analyse the consumer PrimFunc ``chain`` (its parameter ``c_pos`` is the GEMM output)."""
-    import tvm_ffi
     from tvm import ir, s_tir, tirx
     from tvm.sym.analyzer import Analyzer
 
@@ -155,15 +170,7 @@ def _plan(chain: Any, c_pos: int) -> _Plan:
             if not all(ana.can_prove_equal(a, b) for a, b in zip(got, want, strict=True)):
                 raise _Skip(f"block {blk.name_hint} reads another element")
 
-        def on_load(ld: Any, vmap: list[tuple[Any, Any]] = vmap) -> Any:
-            got = _lookup(vals, ld.source)
-            return ld if got is None else got
-
-        def on_var(v: Any, vmap: list[tuple[Any, Any]] = vmap) -> Any:
-            got = _lookup(vmap, v)
-            return v if got is None else got
-
-        value = tvm_ffi.structural_map(store.value, [(tirx.Var, on_var), (ir.TensorLoad, on_load)])
+        value = _subst(store.value, vmap, vals)
         var = tirx.Var(blk.name_hint.replace(".", "_"), str(store.value.ty.dtype))
         lets.append((var, value))
         src.append((store.buffer, [_subst(i, vmap) for i in store.indices]))
@@ -251,12 +258,7 @@ def fuse_epilogues(mod: Any) -> tuple[Any, list[dict[str, Any]]]:
         if not isinstance(func, relax.Function):
             continue
         bindings = [b for blk in func.body.blocks for b in blk.bindings]
-        uses: dict[int, list[Any]] = {}
-        for b in bindings:
-            for v in _walk(b.value, relax.Var):
-                uses.setdefault(v.__hash__(), []).append(b)
-        for v in _walk(func.body.body, relax.Var):
-            uses.setdefault(v.__hash__(), []).append(None)
+        uses = _readers([func])
         for b in bindings:
             call = b.value
             if not (isinstance(call, relax.Call) and getattr(call.op, "name", "") == "relax.call_tir"):
@@ -264,7 +266,7 @@ def fuse_epilogues(mod: Any) -> tuple[Any, list[dict[str, Any]]]:
             gname = call.args[0].name_hint
             if gname not in gemms:
                 continue
-            users = uses.get(b.var.__hash__(), [])
+            users = uses.get(b.var, [])
             rec: dict[str, Any] = {"gemm": gname}
             records.append(rec)
             if len(users) != 1 or users[0] is None:

@@ -22,17 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEDULED_ATTR = "qexport.scheduled"
-
-
-def _shape(expr: Any) -> list[Any] | None:
-    from tvm import relax
-
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    values = getattr(ty.shape, "values", None)
-    return list(values) if values is not None else None
+from qexport.backends.tvm_epilogue import _lookup, _readers, _subst, _walk
+from qexport.backends.tvm_gemm import SCHEDULED_ATTR, _shape
 
 
 def _same_dims(a: list[Any], b: list[Any]) -> bool:
@@ -44,13 +35,10 @@ def _same_dims(a: list[Any], b: list[Any]) -> bool:
 def _reductions(func: Any) -> tuple[bool, bool]:
     """(row, other): the PrimFunc has a reduction block writing one value per row (its output's
     last dimension is 1: a row sum or max), and one writing anything else (a matmul)."""
-    import tvm_ffi
     from tvm import s_tir, tirx
 
-    found: list[Any] = []
-    tvm_ffi.structural_walk(func, [(s_tir.SBlock, found.append)])
     row = other = False
-    for blk in found:
+    for blk in _walk(func, s_tir.SBlock):
         if not any(int(iv.iter_type) == 2 for iv in blk.iter_vars):
             continue
         shape = list(blk.writes[0].source.shape) if blk.writes else []
@@ -116,7 +104,7 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
             gemm_out = {b.var for b in bindings if is_gemm(b.value)}
             taken: set[Any] = set()
             for i, seed in enumerate(bindings):
-                if seed.var in taken or not reduces(seed.value) or callee(seed.value) is None:
+                if seed.var in taken or not reduces(seed.value):
                     continue
                 if any(a in gemm_out for a in args_of(seed.value)):
                     continue
@@ -127,8 +115,8 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
                 members = [seed]
                 produced = {seed.var}
                 for b in bindings[i + 1:]:
-                    reads = [a for a in args_of(b.value)] if isinstance(b.value, relax.Call) else []
-                    uses_group = any(a in produced for a in _vars_in(b.value))
+                    reads = args_of(b.value) if isinstance(b.value, relax.Call) else []
+                    uses_group = any(a in produced for a in _walk(b.value, relax.Var))
                     if not uses_group:
                         continue
                     shp = _shape(b.var)
@@ -175,7 +163,7 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
 
     merge = Merge(mod)
     merged = 0
-    uses_outside = _use_positions(main_funcs)
+    readers = _readers([f for _, f in main_funcs])
     for n, members in enumerate(groups):
         group_vars = [b.var for b in members]
         ins: list[Any] = []
@@ -187,7 +175,7 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
                     ins.append(a)
         last = members[-1].var
         outs = [v for v in group_vars
-                if any(u is None or u not in group_vars for u in uses_outside.get(v, []))]
+                if any(u is None or u.var not in group_vars for u in readers.get(v, []))]
         if last not in outs:
             outs.append(last)
         try:
@@ -195,7 +183,7 @@ def merge_row_groups(mod: Any) -> tuple[Any, int]:
         except ValueError:  # a binding form the merge does not handle: the kernels stay apart
             continue
         merged += 1
-        gv = merge.builder_.add_func(func, f"rows{n}_" + str(_name(members[0].value, mod))[:40])
+        gv = merge.builder_.add_func(func, f"rows{n}_" + _name(members[0].value)[:40])
         merge.plan[last] = (gv, ins, outs)
         merge.skip |= {b.var for b in members[:-1]}
     for gv, func in main_funcs:
@@ -210,29 +198,7 @@ def _calls(func: Any) -> list[Any]:
             if isinstance(b.value, relax.Call) and getattr(b.value.op, "name", "") == "relax.call_tir"]
 
 
-def _vars_in(expr: Any) -> list[Any]:
-    import tvm_ffi
-    from tvm import relax
-
-    found: list[Any] = []
-    tvm_ffi.structural_walk(expr, [(relax.Var, found.append)])
-    return found
-
-
-def _use_positions(funcs: list[tuple[Any, Any]]) -> dict[Any, list[Any]]:
-    """var -> the binding vars that read it (None: the function's result reads it)."""
-    uses: dict[Any, list[Any]] = {}
-    for _gv, func in funcs:
-        for blk in func.body.blocks:
-            for b in blk.bindings:
-                for v in _vars_in(b.value):
-                    uses.setdefault(v, []).append(b.var)
-        for v in _vars_in(func.body.body):
-            uses.setdefault(v, []).append(None)
-    return uses
-
-
-def _name(call: Any, mod: Any) -> str:
+def _name(call: Any) -> str:
     if getattr(call.op, "name", "") == "relax.call_tir":
         return str(call.args[0].name_hint)
     return str(call.op.name_hint)
@@ -247,10 +213,8 @@ def _group_function(mod: Any, members: list[Any], ins: list[Any], outs: list[Any
     env: list[tuple[Any, Any]] = list(zip(ins, params, strict=True))
 
     def look(x: Any, table: list[tuple[Any, Any]]) -> Any:
-        for k, v in table:
-            if k.same_as(x):
-                return v
-        return x
+        got = _lookup(table, x)
+        return x if got is None else got
 
     with bb.function("rows", params, attrs={"Primitive": True}, private=True):
         with bb.dataflow():
@@ -301,22 +265,13 @@ def _dim_map(params: list[Any], args: list[Any]) -> list[tuple[Any, Any]]:
 def _retype(ty: Any, dims: list[tuple[Any, Any]]) -> Any:
     """A call_tir output type in the caller's dimensions (the inlined function's are not defined
     there: left in, dynamic shapes crashed FuseTIR)."""
-    import tvm_ffi
-    from tvm import relax, tirx
+    from tvm import relax
 
     if not dims:
         return ty
     if not isinstance(ty, relax.TensorType):
         raise ValueError("a fused function with a tuple-typed call_tir")
-
-    def on_var(v: Any) -> Any:
-        for k, val in dims:
-            if k.same_as(v):
-                return val
-        return v
-
-    shape = [tvm_ffi.structural_map(d, [(tirx.Var, on_var)]) for d in (_shape_of_type(ty) or [])]
-    return relax.TensorType(shape, ty.dtype)
+    return relax.TensorType([_subst(d, dims) for d in (_shape_of_type(ty) or [])], ty.dtype)
 
 
 def _shape_of_type(ty: Any) -> list[Any] | None:
