@@ -130,10 +130,11 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
     import tvm
 
     from qexport.backends import tvm_gemm as G
+    from qexport.backends.tvm_cpu import llvm_target_spec
     from qexport.host import cpu_flags
 
     st = G.STRATEGIES[strategy] if strategy else G.select_strategy(cpu_flags())
-    target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    target = tvm.target.Target(llvm_target_spec({"kind": "llvm"}))
     dev = tvm.cpu()
     rows: list[dict] = []
     peak_gops = None

@@ -12,9 +12,10 @@ Contract
   input/output names and dtypes, build seconds, library bytes, host CPU features and the
   int8 GEMM strategy actually used.
 
-``target``: ``"llvm"`` (host CPU, ``-mcpu`` = the LLVM host CPU name; AVX-512/VNNI are
-recorded), ``"cuda"`` (sm_75 unless ``arch`` is given in a JSON dict), ``"t4"``
-(``nvidia/nvidia-t4``, sm_75), ``"h100"`` (sm_90) or a JSON dict string such as
+``target``: ``"llvm"`` (host CPU: ``-mcpu`` = the LLVM host CPU name, ``-mattr`` switching
+off what that name implies but ``/proc/cpuinfo`` does not show; AVX-512/VNNI are recorded),
+``"cuda"`` (sm_75 unless ``arch`` is given in a JSON dict), ``"t4"`` (``nvidia/nvidia-t4``,
+sm_75), ``"h100"`` (sm_90) or a JSON dict string such as
 ``'{"kind": "cuda", "arch": "sm_80"}'``.
 ``shapes``: ``{"batch": 8, "seq": 128}`` builds static shapes (the runner then rejects any
 other shape with ``built for batch=8,seq=128; got ...``); ``None`` keeps the ONNX symbolic
@@ -100,7 +101,7 @@ def _resolve_target_spec(target: str | Mapping[str, Any]) -> tuple[Any, dict[str
         notes["host_features"] = sorted(
             f for f in flags if f in {"avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8"}
         )
-        spec = {"kind": "llvm", "mcpu": cpu}
+        spec = {"kind": "llvm"}  # tvm_cpu.llvm_target_spec: mcpu = the host, mattr = what it lacks
     elif target in _TARGET_ALIASES:
         spec = _TARGET_ALIASES[target]
     elif target.strip().startswith("{"):

@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 from qexport.errors import BackendError
+from qexport.host import LLVM_FEATURES, cpu_flags
 
 SCHEDULED_ATTR = "qexport.scheduled"
 RULE_ATTR = "qexport.cpu_rule"
@@ -94,14 +95,19 @@ _MAX_UNROLL_ROWS = 4
 def llvm_target_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Fill ``mcpu`` (the host CPU) and ``num-cores`` (``os.cpu_count()``) in an llvm target dict.
 
-    An ``mcpu`` that LLVM does not know for the triple raises one :class:`BackendError` (LLVM
-    would otherwise warn and silently build for ``generic``).
+    A host ``mcpu`` comes with ``mattr`` switching off what LLVM's CPU name implies but the
+    machine's flags lack (:func:`host_mattr`). An ``mcpu`` that LLVM does not know for the
+    triple raises one :class:`BackendError` (LLVM would otherwise warn and silently build for
+    ``generic``).
     """
     from tvm.target import codegen
 
     out = dict(spec)
     if not out.get("mcpu"):
         out["mcpu"] = str(codegen.llvm_get_system_cpu())
+        off = host_mattr(out["mcpu"], cpu_flags())
+        if off:
+            out["mattr"] = [*(out.get("mattr") or ()), *off]
     triple = str(out.get("mtriple") or codegen.llvm_get_system_triple())
     if not codegen.llvm_is_valid_cpu(str(out["mcpu"]), triple):
         raise BackendError(
@@ -112,10 +118,33 @@ def llvm_target_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def vector_bits(target: Any) -> int:
-    """SIMD register width of the target in bits (128 when LLVM cannot tell)."""
-    from tvm.target.codegen import llvm_get_vector_width
+def host_mattr(mcpu: str, flags: set[str]) -> list[str]:
+    """``-feature`` for each feature LLVM's ``mcpu`` implies that the CPU ``flags`` do not show.
 
+    LLVM names the host CPU from its family and model; a virtual machine can report a Zen 4 and
+    hide its AVX-512, and code built for the name then dies of SIGILL. Empty ``flags`` (no
+    ``/proc/cpuinfo``): nothing to compare, nothing switched off.
+    """
+    if not flags:
+        return []
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    return [f"-{llvm}" for flag, llvm in LLVM_FEATURES.items()
+            if flag not in flags and codegen.llvm_cpu_has_features(llvm, target)]
+
+
+def vector_bits(target: Any) -> int:
+    """SIMD register width the target may use, in bits: from its features on x86 (LLVM's own
+    answer is 512 even for baseline x86-64), else LLVM's (128 when it cannot tell)."""
+    from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_triple, llvm_get_vector_width
+
+    triple = str(getattr(target, "attrs", {}).get("mtriple", "") or llvm_get_system_triple())
+    if triple.startswith(("x86_64", "i686", "i386")):
+        if llvm_cpu_has_features("avx512f", target):
+            return 512
+        return 256 if llvm_cpu_has_features("avx", target) else 128
     bits = int(llvm_get_vector_width(target))
     return min(bits, 512) if bits > 0 else 128
 

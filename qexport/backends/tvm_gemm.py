@@ -93,7 +93,9 @@ STRATEGIES: dict[str, Strategy] = {
     "vnni512": Strategy("vnni512", "vnni", 16, 4, "llvm.x86.avx512.vpdpbusd.512", 3, 4),
     "vnni256": Strategy("vnni256", "vnni", 8, 4, "llvm.x86.avx512.vpdpbusd.256", 3, 4),
     "madd512": Strategy("madd512", "madd", 16, 2, "llvm.x86.avx512.pmaddw.d.512", 3, 4),
-    "madd256": Strategy("madd256", "madd", 8, 2, "llvm.x86.avx2.pmadd.wd", 3, 4),
+    # 16 ymm registers: 6 x 2 accumulators + 2 weight vectors + the broadcast + a product (3 x 4
+    # spilled accumulators to the stack, a store-to-load chain in the k loop: 0.6x the speed)
+    "madd256": Strategy("madd256", "madd", 8, 2, "llvm.x86.avx2.pmadd.wd", 6, 2),
     "scalar": Strategy("scalar", "scalar", 1, 1, "", 1, 1),
 }
 
@@ -112,31 +114,23 @@ def select_strategy(features: Iterable[str]) -> Strategy:
     return STRATEGIES["scalar"]
 
 
-_MATTR_FLAGS = {
-    "+avx2": "avx2",
-    "+avx512f": "avx512f",
-    "+avx512bw": "avx512bw",
-    "+avx512vl": "avx512vl",
-    "+avx512vnni": "avx512_vnni",
-    "+avxvnni": "avx_vnni",
-}
-
-
 def target_features(target: Any, features: Iterable[str]) -> frozenset[str]:
-    """The CPU ``features`` the llvm ``target`` lets LLVM emit.
+    """The CPU ``features`` (``/proc/cpuinfo`` spelling) the llvm ``target`` lets LLVM emit.
 
-    A target with ``mcpu`` (qexport builds ``-mcpu`` = the host CPU) keeps ``features``; one
-    without keeps only what its ``mattr`` enables (plain ``llvm`` is baseline x86-64: none); a
-    non-x86 ``mtriple`` gets none (the scalar path).
+    LLVM answers for the target's ``mcpu`` and ``mattr`` (plain ``llvm`` is baseline x86-64:
+    none; a host ``mcpu`` with ``-avx512f``: no AVX-512); a non-x86 ``mtriple`` gets none (the
+    scalar path). Flags LLVM has no name for are kept.
     """
+    from tvm.target.codegen import llvm_cpu_has_features
+
+    from qexport.host import LLVM_FEATURES
+
     attrs = getattr(target, "attrs", {})
     triple = str(attrs.get("mtriple", "") or "")
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return frozenset()
-    if attrs.get("mcpu", None):
-        return frozenset(features)
-    enabled = {_MATTR_FLAGS[a] for a in (attrs.get("mattr", None) or ()) if a in _MATTR_FLAGS}
-    return frozenset(features) & enabled
+    return frozenset(f for f in features
+                     if f not in LLVM_FEATURES or llvm_cpu_has_features(LLVM_FEATURES[f], target))
 
 
 def _chunk_rows(k: int | None, mr: int) -> int:
@@ -211,8 +205,9 @@ def gemm_primfunc(
 ) -> Any:
     """``C[b, m, n] = sum_k A[b, m, k] * W[b or 0, k, n]`` in int32 over a packed ``W``.
 
-    Arguments: ``A [Bt, M, K]`` (``a_dtype`` int8/uint8), packed ``W`` and ``corr`` as
-    :func:`pack_weight` (first dim ``1`` when ``shared_b`` else ``Bt``), output ``C [Bt, M, N]``.
+    Arguments: ``A [Bt, M, K]`` (``a_dtype`` int8/uint8, or int16 for the madd strategies),
+    packed ``W`` and ``corr`` as :func:`pack_weight` (first dim ``1`` when ``shared_b`` else
+    ``Bt``), output ``C [Bt, M, N]``.
     ``k``/``n`` ``None`` = symbolic; ``Bt`` and ``M`` are always symbolic. Every store of ``C``
     is one element (in a vectorised loop for full tiles), the form into which
     :mod:`qexport.backends.tvm_epilogue` substitutes the consumer's elementwise chain; the
@@ -253,8 +248,14 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
     assert acc_n * 4 < 1024, "register tile must stay below the stack-alloca limit"
 
     def mac(accv: Any, word: Any, wv: Any) -> Any:
-        """accv + dot(broadcast k-group word, packed weight vector), int32 lanes, no saturation."""
-        av = T.reinterpret(T.broadcast(T.bitwise_xor(word, T.int32(xor)), lanes), dtype=bcast)
+        """accv + dot(broadcast k-group word, packed weight vector), int32 lanes, no saturation.
+
+        ``word``: the k group as an int32 (vnni; the partial last group), or an ``int16xL`` pair
+        broadcast already (:func:`_pair_vector`)."""
+        if str(getattr(word, "ty", "")) == bcast:
+            av = word
+        else:
+            av = T.reinterpret(T.broadcast(T.bitwise_xor(word, T.int32(xor)), lanes), dtype=bcast)
         if vnni:
             return T.call_llvm_pure_intrin(vec, intrin, accv, av, wv)
         return accv + T.call_llvm_pure_intrin(vec, intrin, av, wv)
@@ -291,6 +292,8 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
                                             T.min((p % mcn) * mcr + blk * mr + i, m - 1),
                                             q * g,
                                             vnni,
+                                            lanes,
+                                            a_dtype,
                                         ),
                                         W[
                                             (p // (mcn * nb)) * sb,
@@ -354,13 +357,20 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
     return gemm
 
 
-def _load_group(T: Any, A: Any, b: Any, row: Any, k0: Any, vnni: bool) -> Any:
-    """One k group of a row of A as an int32: 4 bytes (vnni) or 2 sign/zero-extended int16."""
+def _load_group(T: Any, A: Any, b: Any, row: Any, k0: Any, vnni: bool, lanes: int = 8,
+                a_dtype: str = "int8") -> Any:
+    """One k group of a row of A: 4 bytes as an int32 (vnni); int16 ``A`` (the madd kernels in a
+    model: widened by its producer): the pair ``(a[k0], a[k0+1])`` as an int32, one broadcast
+    load; int8/uint8 ``A`` in a madd kernel: the pair widened in registers, repeated over
+    ``lanes`` int32 lanes (a 2-byte broadcast and one ``vpmovsxbw``/``vpmovzxbw``; building it in
+    scalar registers took 7 instructions per row and k pair, and the kernel was front-end bound)."""
     if vnni:
         return T.reinterpret(A[b, row, T.ramp(k0, 1, 4)], dtype="int32")
-    lo = T.bitwise_and(T.Cast("int32", A[b, row, k0]), T.int32(0xFFFF))
-    hi = T.shift_left(T.Cast("int32", A[b, row, k0 + 1]), T.int32(16))
-    return T.bitwise_or(lo, hi)
+    if a_dtype == "int16":  # widened by the producer: the pair is one 32-bit broadcast load
+        return T.reinterpret(A[b, row, T.ramp(k0, 1, 2)], dtype="int32")
+    pair = T.reinterpret(A[b, row, T.ramp(k0, 1, 2)], dtype="int16")
+    widen = T.reinterpret(T.broadcast(pair, lanes), dtype=f"{a_dtype}x{2 * lanes}")
+    return T.Cast(f"int16x{2 * lanes}", widen)
 
 
 def _tail_elem(T: Any, A: Any, b: Any, row: Any, k: Any, t: Any, vnni: bool) -> Any:
@@ -713,12 +723,18 @@ def _make_rewriter() -> Any:
                 rec["skipped"] = "batch dims differ (broadcasting matmul)"
                 self.records.append(rec)
                 return None
+            a_expr, a_dt = a.expr, a.dtype
+            if st.kind == "madd":
+                # int16 activations (exact: int8/uint8 widen): FuseOps folds the cast into the
+                # producer, and each k pair is one broadcast load in the kernel
+                a_expr, a_dt = relax.op.astype(a.expr, "int16"), "int16"
+                rec["activations"] = "int16 (widened by the producer)"
             gemm = self._func(
-                ("gemm", st.name, ks, ns, a.dtype, shared),
-                lambda: gemm_primfunc(st, k=ks, n=ns, a_dtype=a.dtype, shared_b=shared),
-                f"qexport_gemm_{st.name}_{a.dtype}",
+                ("gemm", st.name, ks, ns, a_dt, shared),
+                lambda: gemm_primfunc(st, k=ks, n=ns, a_dtype=a_dt, shared_b=shared),
+                f"qexport_gemm_{st.name}_{a_dt}",
             )
-            a3 = bb.emit(relax.op.reshape(a.expr, [batch, m_rows, k]))
+            a3 = bb.emit(relax.op.reshape(a_expr, [batch, m_rows, k]))
             c3 = bb.emit(
                 relax.call_tir(gemm, [a3, wexpr, cexpr], relax.TensorType([batch, m_rows, n], "int32"))
             )

@@ -38,7 +38,9 @@ RUNNABLE = [
 
 
 def _target() -> Any:
-    return tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
+    from qexport.backends.tvm_cpu import llvm_target_spec
+
+    return tvm.target.Target(llvm_target_spec({"kind": "llvm"}))
 
 
 def _extreme(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -95,16 +97,22 @@ def test_pack_weight_layout_and_correction() -> None:
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
-@pytest.mark.parametrize("a_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("a_dtype", ["int8", "uint8", "int16"])
 @pytest.mark.parametrize("k,n", [(5, 3), (13, 70), (64, 48), (130, 129)])
 def test_gemm_exact_dynamic_m(name: str, a_dtype: str, k: int, n: int) -> None:
     st = G.STRATEGIES[name]
+    if a_dtype == "int16" and st.kind != "madd":
+        pytest.skip("int16 activations are the madd kernels' form")
     lib = _build(G.gemm_primfunc(st, k=k, n=n, a_dtype=a_dtype, shared_b=True))
     rng = np.random.default_rng(k * 1000 + n)
     w = _extreme(rng, (k, n), "int8")
     packed, corr = G.pack_weight(w, st, a_signed=a_dtype == "int8")
-    for m in (1, 2, 7):  # one build, symbolic M: full tiles and clamped tails
-        a = _extreme(rng, (1, m, k), a_dtype)
+    for m in (1, 2, 7, 13):  # one build, symbolic M: full tiles and clamped tails
+        if a_dtype == "int16":  # widened int8 and uint8 values side by side
+            a = np.where(rng.integers(0, 2, (1, m, k)), _extreme(rng, (1, m, k), "int8"),
+                         _extreme(rng, (1, m, k), "uint8")).astype(np.int16)
+        else:
+            a = _extreme(rng, (1, m, k), a_dtype)
         got = _run_gemm(lib, a, packed, corr, n)
         np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
 
@@ -311,6 +319,10 @@ def test_lower_module_forced_paths_match_ort(tmp_path: Path, features: frozenset
     path = _attn_graph(tmp_path / "integer.onnx", "integer")
     mod, records = _lowered(path, features)
     assert {r["strategy"] for r in records} == {G.select_strategy(features).name}
+    # the madd kernels take int16 activations (one broadcast load per k pair), the others bytes
+    widened = {r.get("activations") for r in records}
+    assert widened == ({"int16 (widened by the producer)"} if G.select_strategy(features).kind == "madd"
+                       else {None})
     _check_against_ort(path, mod)
 
 
@@ -371,6 +383,8 @@ def test_target_features_and_summary() -> None:
     assert G.target_features(tvm.target.Target("llvm"), flags) == frozenset()  # baseline x86-64
     only_avx2 = tvm.target.Target({"kind": "llvm", "mattr": ["+avx2"]})
     assert G.select_strategy(G.target_features(only_avx2, flags)).name == "madd256"
+    no_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512vnni"]})
+    assert G.select_strategy(G.target_features(no_vnni, flags)).name == "madd512"
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     assert G.target_features(arm, flags) == frozenset()
     records = [
@@ -383,3 +397,24 @@ def test_target_features_and_summary() -> None:
         "vnni512: 1 batch_matmul, 2 linear; 1 left (batch dims differ (broadcasting matmul))"
     )
     assert G.summarize([]) == "no int8 matmuls"
+
+
+def test_a_host_cpu_name_never_promises_more_than_its_flags() -> None:
+    """A VM reporting a Zen 4 model with AVX-512 hidden: LLVM's name ``znver4`` implies AVX-512,
+    and code built for it dies of SIGILL; the host target switches off what the flags lack."""
+    from qexport.backends.tvm_cpu import host_mattr, vector_bits
+
+    avx2_only = {"avx", "avx2", "fma", "f16c", "bmi1", "bmi2"}
+    off = host_mattr("znver4", avx2_only)
+    assert {"-avx512f", "-avx512bw", "-avx512vl", "-avx512vnni"} <= set(off)
+    assert not {"-avx2", "-avx", "-fma", "-bmi2"} & set(off)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "mattr": off})
+    assert G.select_strategy(G.target_features(target, avx2_only)).name == "madd256"
+    assert vector_bits(target) == 256
+    assert vector_bits(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) == 512
+    assert vector_bits(tvm.target.Target("llvm")) == 128  # baseline x86-64: SSE2
+    full = avx2_only | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni",
+                        "avx512ifma", "avx512vbmi", "avx512_vbmi2", "avx512_bf16", "avx512_bitalg",
+                        "avx512_vpopcntdq", "gfni", "vaes", "vpclmulqdq"}
+    assert host_mattr("znver4", full) == []
+    assert host_mattr("znver4", set()) == []  # no /proc/cpuinfo: nothing to compare
