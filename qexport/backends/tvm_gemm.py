@@ -26,6 +26,8 @@ Strategies (chosen from the CPU ``features``, see :func:`select_strategy`):
 ``madd512`` / ``madd256``
     No VNNI: activations and weights widened to int16, ``vpmaddwd`` (int16 x int16 pair sums into
     int32; AVX-512BW or AVX2). Packed weights ``[N/NR, ceil(K/2), NR*2]`` int16. No shift needed.
+    In a model the activations arrive as int16 (:func:`lower_int8_matmuls` casts them; FuseOps
+    folds the cast into the producer), so a k pair of a row is one 32-bit broadcast load.
     ``vpmaddubsw`` is not used: it saturates its int16 pair sums (2 * 255 * 127 > 32767).
 ``scalar``
     Plain int32 multiply-accumulate loops (LLVM auto-vectorises); any target.
@@ -37,13 +39,14 @@ integer product reduced modulo 2^32: identical to any int32-accumulating referen
 ``MatMulInteger``) for every K, and equal to the true product whenever it fits in int32
 (always for |a|, |w| <= 128 and K < 131072; uint8 activations: K <= 65793).
 
-Tiling: the parallel work items are (batch, NR-column weight panel, chunk of ~192 KiB of A rows),
+Tiling: the parallel work items are (batch, NR-column weight panel, chunk of ~192 Ki elements of A),
 chunks innermost, so that the threads' contiguous shares of the items split the weight panels
 between them (with the chunks outermost, at M = 1024 each of 2 threads took one chunk and walked
 all the panels: a 1024x384x1536 GEMM ran 1.3x faster on 2 threads instead of 1.8x; for large M
 both orders are within a few percent); inside, ``MR``-row
 blocks (the last block clamps its row index, recomputing a row rather than branching) hold an
-``MR x NR`` register tile of int32 accumulators (3 x 64 for AVX-512: 12 zmm) over the full K loop;
+``MR x NR`` register tile of int32 accumulators (3 x 64 for AVX-512: 12 zmm; 6 x 16 for AVX2,
+whose 16 ymm registers also hold 2 weight vectors, the broadcast and a product) over the full K loop;
 N tails are stored through a guarded copy. ``M`` (batch*seq), the batch and, for activation
 right-hand sides, ``K``/``N`` may be symbolic. The tile stays below 1 KiB so TVM keeps it on the
 stack (larger local buffers become heap workspaces) and LLVM promotes it to registers.
@@ -134,7 +137,7 @@ def target_features(target: Any, features: Iterable[str]) -> frozenset[str]:
 
 
 def _chunk_rows(k: int | None, mr: int) -> int:
-    """Rows of A per parallel work item: about 192 KiB of A (L2 with one weight panel)."""
+    """Rows of A per parallel work item: about 192 Ki elements of A (L2 with one weight panel)."""
     rows = (192 * 1024) // (k if k is not None else 768)
     return max(mr, rows // mr * mr)
 
@@ -251,7 +254,7 @@ def _simd_gemm(st: Strategy, *, k: int | None, n: int | None, a_dtype: str, shar
         """accv + dot(broadcast k-group word, packed weight vector), int32 lanes, no saturation.
 
         ``word``: the k group as an int32 (vnni; the partial last group), or an ``int16xL`` pair
-        broadcast already (:func:`_pair_vector`)."""
+        broadcast already (:func:`_load_group`)."""
         if str(getattr(word, "ty", "")) == bcast:
             av = word
         else:
