@@ -10,8 +10,9 @@ count (a fresh subprocess per count: ``TVM_NUM_THREADS``, OpenMP/BLAS thread var
 untimed call, then three timed; ``iters`` timed calls each, medians):
 
 * ``tvm``: :func:`qexport.backends.tvm_gemm.gemm_primfunc` for the host's strategy (or
-  ``--strategy``), int8 activations x packed int8 weights (the +128 shift and its correction
-  included), built for ``-mcpu`` = the host CPU;
+  ``--strategy``), int8 activations (as the kernel takes them in a model: widened to int16 for
+  the madd strategies) x packed int8 weights (the +128 shift and its correction
+  included), built for the host target (:func:`qexport.backends.tvm_cpu.llvm_target_spec`);
 * ``ort-u8s8``: ORT ``MatMulInteger`` with uint8 activations and int8 weights (its VNNI path);
 * ``ort-fp32``: ORT ``MatMul`` in float32;
 * ``np-fp32``: ``numpy.matmul`` in float32 (BLAS).
@@ -154,9 +155,11 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
             a8 = rng.integers(-128, 128, (1, m, k)).astype(np.int8)
             w8 = rng.integers(-128, 128, (k, n)).astype(np.int8)
             packed, corr = G.pack_weight(w8, st, a_signed=True)
-            func = G.gemm_primfunc(st, k=k, n=n, a_dtype="int8", shared_b=True)
+            a_dt = st.kernel_a_dtype("int8")  # what the kernel takes in a model (madd: int16)
+            func = G.gemm_primfunc(st, k=k, n=n, a_dtype=a_dt, shared_b=True)
             lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
-            targs = [tvm.runtime.tensor(x, dev) for x in (a8, packed, corr, np.zeros((1, m, n), np.int32))]
+            targs = [tvm.runtime.tensor(x, dev)
+                     for x in (a8.astype(a_dt), packed, corr, np.zeros((1, m, n), np.int32))]
             lib["main"](*targs)
             exact = bool(np.array_equal(targs[3].numpy()[0], a8[0].astype(np.int64) @ w8.astype(np.int64)))
             su8 = _ort_session(m, k, n, "u8s8", threads, Path(tmp))

@@ -135,13 +135,20 @@ def host_mattr(mcpu: str, flags: set[str]) -> list[str]:
             if flag not in flags and codegen.llvm_cpu_has_features(llvm, target)]
 
 
+def is_x86(target: Any) -> bool:
+    """Whether an llvm target builds for x86 (its ``mtriple``, else the host's)."""
+    from tvm.target.codegen import llvm_get_system_triple
+
+    triple = str(getattr(target, "attrs", {}).get("mtriple", "") or llvm_get_system_triple())
+    return triple.startswith(("x86_64", "i686", "i386"))
+
+
 def vector_bits(target: Any) -> int:
     """SIMD register width the target may use, in bits: from its features on x86 (LLVM's own
     answer is 512 even for baseline x86-64), else LLVM's (128 when it cannot tell)."""
-    from tvm.target.codegen import llvm_cpu_has_features, llvm_get_system_triple, llvm_get_vector_width
+    from tvm.target.codegen import llvm_cpu_has_features, llvm_get_vector_width
 
-    triple = str(getattr(target, "attrs", {}).get("mtriple", "") or llvm_get_system_triple())
-    if triple.startswith(("x86_64", "i686", "i386")):
+    if is_x86(target):
         if llvm_cpu_has_features("avx512f", target):
             return 512
         return 256 if llvm_cpu_has_features("avx", target) else 128

@@ -91,6 +91,11 @@ class Strategy:
     def weight_dtype(self) -> str:
         return "int16" if self.kind == "madd" else "int8"
 
+    def kernel_a_dtype(self, a_dtype: str) -> str:
+        """The activations' dtype in a model's kernel: int16 for madd (widened by the producer:
+        one broadcast load per k pair), else ``a_dtype`` (int8/uint8) itself."""
+        return "int16" if self.kind == "madd" else a_dtype
+
 
 STRATEGIES: dict[str, Strategy] = {
     "vnni512": Strategy("vnni512", "vnni", 16, 4, "llvm.x86.avx512.vpdpbusd.512", 3, 4),
@@ -128,11 +133,10 @@ def target_features(target: Any, features: Iterable[str]) -> frozenset[str]:
     """
     from tvm.target.codegen import llvm_cpu_has_features
 
+    from qexport.backends.tvm_cpu import is_x86
     from qexport.host import LLVM_FEATURES
 
-    attrs = getattr(target, "attrs", {})
-    triple = str(attrs.get("mtriple", "") or "")
-    if triple and not triple.startswith(("x86_64", "i686", "i386")):
+    if not is_x86(target):
         return frozenset()
     return frozenset(f for f in features
                      if f not in LLVM_FEATURES or llvm_cpu_has_features(LLVM_FEATURES[f], target))
@@ -728,11 +732,11 @@ def _make_rewriter() -> Any:
                 rec["skipped"] = "batch dims differ (broadcasting matmul)"
                 self.records.append(rec)
                 return None
-            a_expr, a_dt = a.expr, a.dtype
-            if st.kind == "madd":
+            a_expr, a_dt = a.expr, st.kernel_a_dtype(a.dtype)
+            if a_dt != a.dtype:
                 # int16 activations (exact: int8/uint8 widen): FuseOps folds the cast into the
                 # producer, and each k pair is one broadcast load in the kernel
-                a_expr, a_dt = relax.op.astype(a.expr, "int16"), "int16"
+                a_expr = relax.op.astype(a.expr, a_dt)
                 rec["activations"] = "int16 (widened by the producer)"
             gemm = self._func(
                 ("gemm", st.name, ks, ns, a_dt, shared),

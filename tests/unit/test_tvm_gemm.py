@@ -429,8 +429,7 @@ def test_16_register_tiles_stay_in_registers(name: str, mcpu: str, instr: str) -
     import re
 
     st = G.STRATEGIES[name]
-    a_dtype = "int16" if st.kind == "madd" else "int8"
-    func = G.gemm_primfunc(st, k=768, n=3072, a_dtype=a_dtype, shared_b=True)
+    func = G.gemm_primfunc(st, k=768, n=3072, a_dtype=st.kernel_a_dtype("int8"), shared_b=True)
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target)
     mod = lib.mod.imports[0] if lib.mod.imports else lib.mod
