@@ -18,8 +18,14 @@ untimed call, then three timed; ``iters`` timed calls each, medians):
 * ``np-fp32``: ``numpy.matmul`` in float32 (BLAS).
 
 and prints ms, GOPS (2*M*K*N / time) and the ratios ``ort-u8s8 / tvm`` and ``ort-fp32 / tvm``
-(> 1: the TVM kernel is faster). ``peak`` is a tight loop of independent ``vpdpbusd`` (VNNI hosts)
-or ``vpmaddwd`` on registers per thread; ``%peak`` = tvm GOPS / peak GOPS.
+(> 1: the TVM kernel is faster), and whether ORT's u8s8 result is exact (on AVX2 without VNNI
+its kernel's ``vpmaddubsw`` saturates int16 pair sums: ``NO`` for full-range operands).
+``peak`` is a tight register loop, per thread, of the exact kernel's own step: ``vpdpbusd`` (VNNI
+hosts) or ``vpmaddwd`` + ``vpaddd`` (every int16 product pair needs its add into the int32
+accumulator); ``%peak`` = tvm GOPS / peak GOPS. On madd hosts ``mult peak`` is a loop of
+``vpmaddwd`` alone: the multiplier ports' limit, which a kernel with fewer adds per multiply
+(ORT's saturating u8s8: ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd`` per 32 products) can approach
+and the exact kernel cannot (the adds share the vector ports).
 """
 
 from __future__ import annotations
@@ -48,20 +54,22 @@ DEFAULT_SHAPES = [
 ]
 
 
-def _ort_session(m: int, k: int, n: int, kind: str, threads: int, work: Path) -> Any:
+def _ort_session(w8: np.ndarray, m: int, kind: str, threads: int, work: Path) -> Any:
+    """One-node ORT model: ``MatMulInteger(uint8 a, w8)`` (u8s8) or ``MatMul`` in float32 of
+    ``w8``'s values."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
 
-    rng = np.random.default_rng(0)
+    k, n = w8.shape
     if kind == "u8s8":
-        w = nh.from_array(rng.integers(-128, 128, (k, n)).astype(np.int8), "w")
+        w = nh.from_array(w8, "w")
         node = h.make_node("MatMulInteger", ["a", "w"], ["y"])
         a_t, y_t = T.UINT8, T.INT32
     else:
-        w = nh.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
+        w = nh.from_array(w8.astype(np.float32), "w")
         node = h.make_node("MatMul", ["a", "w"], ["y"])
         a_t, y_t = T.FLOAT, T.FLOAT
     graph = h.make_graph(
@@ -81,8 +89,9 @@ def _ort_session(m: int, k: int, n: int, kind: str, threads: int, work: Path) ->
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def _peak_func(st: Any, threads: int, iters: int) -> Any:
-    """``threads`` x ``iters`` x 12 independent vpdpbusd / vpmaddwd on registers (L1 operands)."""
+def _peak_func(st: Any, threads: int, iters: int, add: bool = True) -> Any:
+    """``threads`` x ``iters`` x 12 independent vpdpbusd / vpmaddwd(+ vpaddd unless ``add`` is
+    false) on registers (L1 operands)."""
     from tvm.script import tirx as T
 
     lanes, g = st.lanes, st.group
@@ -95,7 +104,8 @@ def _peak_func(st: Any, threads: int, iters: int) -> Any:
             return T.call_llvm_pure_intrin(vec, intrin, acc, a, w)
         # the operand is the accumulator itself: a vpmaddwd of loop-invariant operands is hoisted
         # out of the loop by LLVM (the "peak" was then a vector add: 2,040 GOPS on AVX2)
-        return acc + T.call_llvm_pure_intrin(vec, intrin, T.reinterpret(acc, dtype=f"int16x{lanes * g}"), w)
+        prod = T.call_llvm_pure_intrin(vec, intrin, T.reinterpret(acc, dtype=f"int16x{lanes * g}"), w)
+        return acc + prod if add else prod
 
     @T.prim_func(s_tir=True)
     def peak(xh: T.handle, wh: T.handle):
@@ -140,15 +150,20 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
     target = tvm.target.Target(llvm_target_spec({"kind": "llvm"}))
     dev = tvm.cpu()
     rows: list[dict] = []
-    peak_gops = None
+    peak_gops = mult_peak_gops = None
     if st.kind != "scalar":
         n_it = 200_000
-        lib = tvm.compile(_peak_func(st, threads, n_it).with_attr("global_symbol", "peak"), target)
         x = tvm.runtime.tensor(np.zeros((threads, 12 * st.lanes), np.int32), dev)
         w = tvm.runtime.tensor(np.ones(st.lanes * st.group * 2, st.weight_dtype), dev)
-        t = lib.mod.time_evaluator("peak", dev, number=3, repeat=5)(x, w)
         macs_per_op = st.lanes * st.group
-        peak_gops = 2 * threads * n_it * 12 * macs_per_op / min(t.results) / 1e9
+        for add in (True, False) if st.kind == "madd" else (True,):
+            func = _peak_func(st, threads, n_it, add=add).with_attr("global_symbol", "peak")
+            t = tvm.compile(func, target).mod.time_evaluator("peak", dev, number=3, repeat=5)(x, w)
+            gops = 2 * threads * n_it * 12 * macs_per_op / min(t.results) / 1e9
+            if add:
+                peak_gops = gops
+            else:
+                mult_peak_gops = gops
     with tempfile.TemporaryDirectory() as tmp:
         for m, k, n in shapes:
             rng = np.random.default_rng(1)
@@ -162,11 +177,13 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
                      for x in (a8.astype(a_dt), packed, corr, np.zeros((1, m, n), np.int32))]
             lib["main"](*targs)
             exact = bool(np.array_equal(targs[3].numpy()[0], a8[0].astype(np.int64) @ w8.astype(np.int64)))
-            su8 = _ort_session(m, k, n, "u8s8", threads, Path(tmp))
-            sf32 = _ort_session(m, k, n, "fp32", threads, Path(tmp))
+            su8 = _ort_session(w8, m, "u8s8", threads, Path(tmp))
+            sf32 = _ort_session(w8, m, "fp32", threads, Path(tmp))
             au8 = (a8[0].astype(np.int16) + 128).astype(np.uint8)
             af = a8[0].astype(np.float32)
             wf = w8.astype(np.float32)
+            ort_exact = bool(np.array_equal(su8.run(None, {"a": au8})[0].astype(np.int64),
+                                            au8.astype(np.int64) @ w8.astype(np.int64)))
             ms = _interleaved(
                 {
                     "tvm": (lib["main"], tuple(targs)),
@@ -186,6 +203,8 @@ def child(shapes: list[tuple[int, int, int]], threads: int, iters: int, strategy
                     "ms": ms,
                     "gops": {name: ops / v / 1e6 for name, v in ms.items()},
                     "peak_gops": peak_gops,
+                    "mult_peak_gops": mult_peak_gops,
+                    "ort_u8s8_exact": ort_exact,
                 }
             )
     return rows
@@ -219,7 +238,7 @@ def main() -> None:
         rows += json.loads(line[-1][5:])
     head = (
         f"{'MxKxN':>15} {'thr':>3} {'strategy':>8} {'exact':>5} | {'tvm ms':>8} {'GOPS':>6} {'%peak':>5} | "
-        f"{'ort-u8s8':>8} {'ort-fp32':>8} {'np-fp32':>8} | {'u8s8/tvm':>8} {'fp32/tvm':>8}"
+        f"{'ort-u8s8':>8} {'exact':>5} {'ort-fp32':>8} {'np-fp32':>8} | {'u8s8/tvm':>8} {'fp32/tvm':>8}"
     )
     print(head)
     print("-" * len(head))
@@ -229,12 +248,15 @@ def main() -> None:
         print(
             f"{r['shape']:>15} {r['threads']:>3} {r['strategy']:>8} {'yes' if r['exact'] else 'NO':>5} | "
             f"{ms['tvm']:8.3f} {gops['tvm']:6.0f} {pk:>5} | "
-            f"{ms['ort-u8s8']:8.3f} {ms['ort-fp32']:8.3f} {ms['np-fp32']:8.3f} | "
+            f"{ms['ort-u8s8']:8.3f} {'yes' if r['ort_u8s8_exact'] else 'NO':>5} "
+            f"{ms['ort-fp32']:8.3f} {ms['np-fp32']:8.3f} | "
             f"{ms['ort-u8s8'] / ms['tvm']:8.2f} {ms['ort-fp32'] / ms['tvm']:8.2f}"
         )
-    peaks = {r["threads"]: r["peak_gops"] for r in rows if r["peak_gops"]}
-    for threads, p in sorted(peaks.items()):
-        print(f"peak ({rows[0]['strategy']}, tight register loop): {p:.0f} GOPS on {threads} thread(s)")
+    peaks = {r["threads"]: (r["peak_gops"], r.get("mult_peak_gops")) for r in rows if r["peak_gops"]}
+    for threads, (p, mp) in sorted(peaks.items()):
+        extra = f"; mult peak (vpmaddwd alone): {mp:.0f} GOPS" if mp else ""
+        print(f"peak ({rows[0]['strategy']}, tight register loop): {p:.0f} GOPS on {threads} "
+              f"thread(s){extra}")
 
 
 if __name__ == "__main__":
